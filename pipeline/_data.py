@@ -1,0 +1,163 @@
+"""Scenes (SYSTEM.md §2, §6): reproducible, generated in batches on the training device.
+
+Randomness comes from three disjoint streams, `numpy.random.SeedSequence(seed).spawn(3)`: train,
+val, test. Each batch of each stream has its own child seed, so a batch is a pure function of
+(config, seed, split, epoch, batch index) and of nothing else: not of the device, the batch order or
+the worker. Random draws are made by a CPU generator (identical on every machine) and moved to the
+device in one copy; all arithmetic after that runs on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from pipeline._config import ExperimentConfig
+from pipeline._physics import Deployment
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SceneBatch:
+    """A batch of B scenes. K_max = config.max_sources; inactive source slots are zero/masked.
+
+    measurements: (B, L, M) complex64, each scene scaled to unit RMS.
+    fields: (B, L, N) complex64, back-projected RIS-domain field estimates x_hat_l = W_l y_l.
+    n_sources: (B,) int64 in 1..K_max.
+    source_mask: (B, K_max) bool, True for the first n_sources slots.
+    azimuth_rad, elevation_rad, range_m, power: (B, K_max) float32 (power linear, 0 when masked).
+    steering: (B, K_max, N) complex64, zero where masked.
+    snr_db: (B,) float32, the SNR that was simulated.
+    """
+
+    measurements: torch.Tensor
+    fields: torch.Tensor
+    n_sources: torch.Tensor
+    source_mask: torch.Tensor
+    azimuth_rad: torch.Tensor
+    elevation_rad: torch.Tensor
+    range_m: torch.Tensor
+    power: torch.Tensor
+    steering: torch.Tensor
+    snr_db: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.n_sources.shape[0]
+
+    def select(self, index: slice | torch.Tensor) -> SceneBatch:
+        return SceneBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @staticmethod
+    def concat(batches: list[SceneBatch]) -> SceneBatch:
+        return SceneBatch(**{f.name: torch.cat([getattr(b, f.name) for b in batches])
+                             for f in fields(SceneBatch)})
+
+
+def _draw_sources(config: ExperimentConfig, batch: int, rng: torch.Generator
+                  ) -> tuple[torch.Tensor, ...]:
+    """Source counts and parameters, float64 on the CPU. Too-close pairs are redrawn."""
+    k_max = config.max_sources
+    n_sources = torch.randint(1, k_max + 1, (batch,), generator=rng)
+    az_max = math.radians(config.azimuth_max_deg)
+    el_max = math.radians(config.elevation_max_deg)
+    sep = math.radians(config.min_separation_deg)
+
+    def uniform(low: float, high: float, shape: tuple[int, ...]) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=rng, dtype=torch.float64)
+
+    azimuth = uniform(-az_max, az_max, (batch, k_max))
+    elevation = uniform(-el_max, el_max, (batch, k_max))
+    # Redraw slot k while it sits within `sep` in both angles of an earlier slot. A bounded number
+    # of rounds keeps the draw count fixed (and so reproducible); a scene still too crowded after
+    # them keeps its last draw, which at default settings has probability below 1e-12.
+    for slot in range(1, k_max):
+        for _ in range(32):
+            close = ((azimuth[:, :slot] - azimuth[:, slot:slot + 1]).abs() < sep) & (
+                (elevation[:, :slot] - elevation[:, slot:slot + 1]).abs() < sep)
+            redraw = close.any(dim=1)
+            new_az = uniform(-az_max, az_max, (batch,))
+            new_el = uniform(-el_max, el_max, (batch,))
+            azimuth[:, slot] = torch.where(redraw, new_az, azimuth[:, slot])
+            elevation[:, slot] = torch.where(redraw, new_el, elevation[:, slot])
+    range_m = uniform(config.range_min_m, config.range_max_m, (batch, k_max))
+    power_db = config.source_power_db_max - uniform(0.0, config.power_range_db, (batch, k_max))
+    snr_db = uniform(config.snr_db_min, config.snr_db_max, (batch,))
+    return n_sources, azimuth, elevation, range_m, 10.0 ** (power_db / 10.0), snr_db
+
+
+def generate_scenes(config: ExperimentConfig, deployment: Deployment, n_scenes: int,
+                    seed: np.random.SeedSequence | int) -> SceneBatch:
+    """n_scenes scenes drawn from `seed`, on the deployment's device. Pure in (config, seed)."""
+    entropy = seed.generate_state(2) if isinstance(seed, np.random.SeedSequence) else [seed]
+    rng = torch.Generator().manual_seed(int(np.uint64(entropy[0]) ^ (np.uint64(entropy[-1]) << 1)))
+    device = deployment.operator.device
+    k_max, n_snap = config.max_sources, config.n_snapshots
+
+    n_sources, azimuth, elevation, range_m, power, snr_db = _draw_sources(config, n_scenes, rng)
+    if config.coherent_symbols:
+        symbols = torch.randn((n_scenes, k_max, 1, 2), generator=rng).expand(-1, -1, n_snap, -1)
+    else:
+        symbols = torch.randn((n_scenes, k_max, n_snap, 2), generator=rng)
+    noise = torch.randn((n_scenes, n_snap, config.n_bs_antennas, 2), generator=rng)
+
+    # One host-to-device copy of all draws; everything below runs on the device.
+    mask = (torch.arange(k_max)[None, :] < n_sources[:, None]).to(device)
+    azimuth, elevation, range_m, power, snr_db = (
+        t.to(device=device, dtype=torch.float32)
+        for t in (azimuth, elevation, range_m, power, snr_db))
+    power = power * mask
+    symbols = torch.view_as_complex(symbols.contiguous().to(device)) / math.sqrt(2.0)
+    noise = torch.view_as_complex(noise.contiguous().to(device)) / math.sqrt(2.0)
+
+    steering = deployment.steering(azimuth, elevation, range_m) * mask[..., None]  # (B, K, N)
+    amplitudes = symbols * power.sqrt()[..., None]  # (B, K, L) with E|s|^2 = p_k
+    field = torch.einsum("bkn,bkl->bln", steering, amplitudes)  # x_l, (B, L, N)
+    clean = torch.einsum("lmn,bln->blm", deployment.operator, field)  # (B, L, M)
+    signal_power = clean.abs().square().mean(dim=(1, 2))
+    noise_power = signal_power / 10.0 ** (snr_db / 10.0)
+    measurements = clean + noise * noise_power.sqrt()[:, None, None]
+    rms = measurements.abs().square().mean(dim=(1, 2)).sqrt().clamp_min(1e-30)
+    measurements = measurements / rms[:, None, None]
+    fields = torch.einsum("lnm,blm->bln", deployment.back_projection, measurements)
+    return SceneBatch(
+        measurements=measurements, fields=fields, n_sources=n_sources.to(device),
+        source_mask=mask, azimuth_rad=azimuth * mask, elevation_rad=elevation * mask,
+        range_m=range_m * mask, power=power, steering=steering, snr_db=snr_db,
+    )
+
+
+def split_seeds(seed: int) -> dict[str, np.random.SeedSequence]:
+    """The three disjoint streams of SYSTEM.md §6."""
+    return dict(zip(SPLITS, np.random.SeedSequence(seed).spawn(3)))
+
+
+def _batch_seed(root: np.random.SeedSequence, *path: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, *path))
+
+
+def iterate_batches(config: ExperimentConfig, deployment: Deployment, split: str, n_scenes: int,
+                    batch_size: int, *, epoch: int = 0) -> Iterator[SceneBatch]:
+    """Batches of a split. Train with fresh_train draws new scenes per epoch; val/test never vary.
+
+    Batch b of a split is seeded by (split stream, epoch or 0, b), so the scenes do not depend on
+    how many batches were drawn before or on the device.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, but got {split!r}")
+    root = split_seeds(config.seed)[split]
+    epoch_key = epoch if (split == "train" and config.fresh_train) else 0
+    for index, start in enumerate(range(0, n_scenes, batch_size)):
+        size = min(batch_size, n_scenes - start)
+        yield generate_scenes(config, deployment, size, _batch_seed(root, epoch_key, index))
+
+
+def load_split(config: ExperimentConfig, deployment: Deployment, split: str, n_scenes: int,
+               *, chunk: int = 1024) -> SceneBatch:
+    """A whole fixed split as one SceneBatch (for validation and test sets)."""
+    return SceneBatch.concat(list(iterate_batches(config, deployment, split, n_scenes, chunk)))
