@@ -41,7 +41,7 @@ class ExperimentConfig:
     bs_azimuth_deg: float = 35.0  # BS direction seen from the RIS, degrees
     code_bits: int = 3  # RIS phase quantisation, bits
     deployment_seed: int = 1234  # draws the channel G and the code subset; fixed per deployment
-    ridge: float = 0.1  # regulariser of the back-projection, relative to mean eig of Phi Phi^H
+    ridge: float = 0.01  # regulariser of the back-projection, relative to mean eig of Phi Phi^H
 
     # --- data (SYSTEM.md §6) ---
     seed: int = 0  # data and init seed; train/val/test streams are SeedSequence(seed).spawn(3)
@@ -56,9 +56,9 @@ class ExperimentConfig:
     n_grid_elevation: int = 13  # feature grid, elevation points
     n_grid_range: int = 6  # feature grid, range points (log-spaced)
     conv_channels: int = 32  # channels of the convolutional trunk
-    model_width: int = 256  # hidden units of the MLP trunk
-    model_depth: int = 2  # hidden layers of the MLP trunk
-    dropout: float = 0.0  # dropout probability in the MLP trunk
+    model_width: int = 128  # hidden units of the pooled head (K logits, shrinkage, free factor)
+    model_depth: int = 4  # residual blocks of the convolutional trunk
+    dropout: float = 0.0  # dropout probability (channels of the trunk, units of the head)
 
     # --- covariance and losses (SYSTEM.md §3-4) ---
     beta: float = 0.2  # blend weight of R_samp in R_blend, in [0, 1]
@@ -66,6 +66,7 @@ class ExperimentConfig:
     lam_cov: float = 1.0  # weight of the covariance NMSE
     lam_k: float = 0.2  # weight of the K cross-entropy
     lam_aux: float = 1.0  # weight of the Hungarian-matched source parameter loss
+    lam_det: float = 1.0  # weight of the detection-map loss (focal objectness + cell offsets)
     lam_gap: float = 0.0  # weight of the eigengap term; 0 = off (Fix 3)
 
     # --- optimisation ---
@@ -107,7 +108,7 @@ class ExperimentConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {"cov_head": ("manifold", "free")}
 _PROBABILITIES = ("beta", "dropout", "warmup_frac")
 _NON_NEGATIVE = (
-    "lam_cov", "lam_k", "lam_aux", "lam_gap", "weight_decay", "diag_loading",
+    "lam_cov", "lam_k", "lam_aux", "lam_det", "lam_gap", "weight_decay", "diag_loading",
     "power_range_db", "min_separation_deg", "rician_k", "music_refine_steps",
     "fault_nonfinite_epoch", "seed", "deployment_seed", "n_val_localize",
 )
@@ -137,6 +138,9 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"{name} must be in [0, 1], but got {getattr(config, name)!r}")
     if config.model_depth < 1:
         raise ConfigError(f"model_depth must be >= 1, but got {config.model_depth!r}")
+    grid_points = config.n_grid_range * config.n_grid_elevation * config.n_grid_azimuth
+    if grid_points < config.max_sources:
+        raise ConfigError(f"the feature grid has {grid_points} cells, fewer than max_sources")
     if config.range_max_m <= config.range_min_m:
         raise ConfigError(
             f"range_max_m must exceed range_min_m, but got {config.range_max_m!r} <= "
@@ -155,7 +159,8 @@ PRESETS: dict[str, ExperimentConfig] = {
     "smoke": ExperimentConfig(
         n_ris_rows=6, n_ris_cols=6, n_bs_antennas=8, n_snapshots=8, max_sources=3,
         range_max_m=4.0, n_train=128, n_val=32, epochs=2, batch_size=32,
-        n_grid_azimuth=13, n_grid_elevation=7, n_grid_range=3, conv_channels=8, model_width=64,
+        n_grid_azimuth=13, n_grid_elevation=7, n_grid_range=3, conv_channels=8, model_width=32,
+        model_depth=2,
         music_grid_azimuth=25, music_grid_elevation=13, music_grid_range=5, n_val_localize=32,
     ),
     # A CPU demo at the real array size (N=144, M=16, L=16, K<=5) within the resolvable range.

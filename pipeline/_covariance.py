@@ -63,9 +63,12 @@ def sample_covariance(fields: torch.Tensor) -> torch.Tensor:
     return scale_to_trace(raw, raw.shape[-1])
 
 
-def predicted_covariance(factor: torch.Tensor) -> torch.Tensor:
-    """R_pred = F F^H scaled to trace N. factor (B, N, r) complex; (B, N, N) complex64, PSD.
+def predicted_covariance(factor: torch.Tensor, shrinkage: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """R_pred = F F^H scaled to trace N, optionally shrunk towards I: (1 - g) F F^H + g I.
 
+    factor: (B, N, r) complex; shrinkage: (B,) in [0, 1] or None. Returns (B, N, N) complex64,
+    Hermitian PSD with trace N. The shrunk form is itself F' F'^H with F' = [sqrt(1-g) F, sqrt(g) I].
     The scale is taken from ||F||_F^2 (= trace F F^H) so that a factor of any magnitude, 1e-6
     included, gives the same R_pred: the division is by a sum of squares, not by a difference.
     """
@@ -73,7 +76,12 @@ def predicted_covariance(factor: torch.Tensor) -> torch.Tensor:
     n_elements = factor.shape[-2]
     energy = factor.abs().square().sum(dim=(-2, -1)).clamp_min(1e-30)
     factor = factor * torch.sqrt(n_elements / energy)[..., None, None]
-    return hermitian(factor @ factor.conj().transpose(-2, -1))
+    r_pred = hermitian(factor @ factor.conj().transpose(-2, -1))
+    if shrinkage is None:
+        return r_pred
+    gamma = shrinkage.to(torch.float32)[..., None, None]
+    eye = torch.eye(n_elements, dtype=r_pred.dtype, device=r_pred.device)
+    return (1.0 - gamma) * r_pred + gamma * eye
 
 
 def blend(r_pred: torch.Tensor, r_samp: torch.Tensor, beta: float | torch.Tensor,

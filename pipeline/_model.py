@@ -1,0 +1,218 @@
+"""The network (SYSTEM.md §4): measurements in; covariance factor, K logits and source slots out.
+
+Physics first: the sensing operator Phi_l = G diag(c_l) is known, so each scene's measurements are
+matched-filtered against the coded dictionary Phi_l a(p) over a (1/range, elevation, azimuth) grid.
+That spectrum, a blurred picture of where the energy comes from, is what the network sees; it never
+has to rediscover the geometry from the raw 16 x 16 measurements.
+
+A residual convolutional trunk turns the spectrum into a detection map (CenterNet-style): per grid
+cell an objectness logit and a sub-cell offset in each coordinate. The K_max source slots are the
+K_max strongest local maxima of the map, each placed at its cell centre plus its offset. Convolutions
+share their weights across the field of view, so a source is detected the same way wherever it is;
+that is what makes this learn from thousands of scenes rather than hundreds of thousands.
+
+The covariance head carries the steering-vector manifold (SYSTEM.md §4b): with cov_head="manifold"
+the factor is F[:, k] = sqrt(w_k) a(p_k) (w_k the slot's objectness), built from the exact
+spherical steering vectors, so F F^H is a sum of physically possible sources; a learned per-scene
+shrinkage gamma then forms R_pred = (1 - gamma) F F^H (trace N) + gamma I, the MMSE-style hedge of an
+uncertain estimate (gamma -> 0 for a confident one, so a perfect prediction still has zero loss;
+I has the eigenvectors of no source, so MUSIC's subspaces are unaffected). cov_head="free" predicts
+an unstructured N x r factor from pooled features instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from pipeline._config import ExperimentConfig
+from pipeline._physics import Deployment, steering_vectors
+
+
+@dataclass(frozen=True)
+class FeatureGrid:
+    """The detection grid: axes in (inverse range 1/m, elevation rad, azimuth rad).
+
+    start, step: (3,) float in that order; shape: (R, E, A). Cell (i, j, k) is at
+    start + (i, j, k) * step.
+    """
+
+    start: tuple[float, float, float]
+    step: tuple[float, float, float]
+    shape: tuple[int, int, int]
+
+    @staticmethod
+    def from_config(config: ExperimentConfig) -> FeatureGrid:
+        def axis(low: float, high: float, n: int) -> tuple[float, float]:
+            return (low, (high - low) / (n - 1)) if n > 1 else ((low + high) / 2, 1.0)
+
+        u_start, u_step = axis(1.0 / config.range_max_m, 1.0 / config.range_min_m,
+                               config.n_grid_range)
+        el_max, az_max = math.radians(config.elevation_max_deg), math.radians(
+            config.azimuth_max_deg)
+        e_start, e_step = axis(-el_max, el_max, config.n_grid_elevation)
+        a_start, a_step = axis(-az_max, az_max, config.n_grid_azimuth)
+        return FeatureGrid(start=(u_start, e_start, a_start), step=(u_step, e_step, a_step),
+                           shape=(config.n_grid_range, config.n_grid_elevation,
+                                  config.n_grid_azimuth))
+
+    def points(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Azimuth, elevation, range of every cell, each (R, E, A) float64."""
+        axes = [self.start[d] + self.step[d] * torch.arange(self.shape[d], dtype=torch.float64)
+                for d in range(3)]
+        u, el, az = torch.meshgrid(*axes, indexing="ij")
+        return az, el, 1.0 / u
+
+    def to_index(self, azimuth: torch.Tensor, elevation: torch.Tensor, range_m: torch.Tensor
+                 ) -> torch.Tensor:
+        """Continuous cell coordinates (..., 3) in (range, elevation, azimuth) order."""
+        coords = (1.0 / range_m.clamp_min(1e-3), elevation, azimuth)
+        return torch.stack([(c - s) / d for c, s, d in zip(coords, self.start, self.step)], -1)
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """factor: (B, N, r) complex64. k_logits: (B, K_max) for K = 1..K_max.
+    azimuth_rad, elevation_rad, range_m, weight: (B, K_max) float32 slot predictions (weight in
+    (0, 1), the slot's objectness). shrinkage: (B,) float32 gamma in [0, 1), or None.
+    objectness: (B, R, E, A) logits; offsets: (B, 3, R, E, A) in cells (None for the free head).
+    """
+
+    factor: torch.Tensor
+    k_logits: torch.Tensor
+    azimuth_rad: torch.Tensor
+    elevation_rad: torch.Tensor
+    range_m: torch.Tensor
+    weight: torch.Tensor
+    shrinkage: torch.Tensor | None = None
+    objectness: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+
+
+class MatchedFilterSpectrum(nn.Module):
+    """y (B, L, M) complex -> log matched-filter spectrum (B, R, E, A) float32.
+
+    P(g) = (1/L) sum_l |d_{l,g}^H y_l|^2 with d_{l,g} = Phi_l a(g) / ||Phi_l a(g)||, then
+    log(P / mean_g P + 1e-3). One batched matrix product over snapshots; the dictionary is a buffer.
+    """
+
+    def __init__(self, config: ExperimentConfig, deployment: Deployment, grid: FeatureGrid
+                 ) -> None:
+        super().__init__()
+        self.grid_shape = grid.shape
+        device = deployment.operator.device
+        az, el, rng = (t.reshape(-1).to(device=device, dtype=torch.float32)
+                       for t in grid.points())
+        atoms = deployment.steering(az, el, rng)  # (G, N)
+        coded = torch.einsum("lmn,gn->lmg", deployment.operator, atoms)  # (L, M, G)
+        coded = coded / torch.linalg.vector_norm(coded, dim=1, keepdim=True).clamp_min(1e-12)
+        self.register_buffer("dictionary", coded.conj().contiguous(), persistent=False)
+
+    def forward(self, measurements: torch.Tensor) -> torch.Tensor:
+        projected = torch.bmm(measurements.transpose(0, 1), self.dictionary)  # (L, B, G)
+        power = projected.real.square().add(projected.imag.square()).mean(dim=0)  # (B, G)
+        power = power / power.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+        return torch.log(power + 1e-3).reshape(-1, *self.grid_shape)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int, dilation: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.gelu(self.conv1(F.gelu(x))))
+
+
+class CovarianceNet(nn.Module):
+    def __init__(self, config: ExperimentConfig, deployment: Deployment) -> None:
+        super().__init__()
+        self.config = config
+        self.grid = FeatureGrid.from_config(config)
+        self.spectrum = MatchedFilterSpectrum(config, deployment, self.grid)
+        self.register_buffer("elements", deployment.elements.clone(), persistent=False)
+        self.wavenumber = deployment.wavenumber
+        n_range = self.grid.shape[0]
+        channels = config.conv_channels
+        self.stem = nn.Conv2d(n_range, channels, 3, padding=1)
+        # Dilations 1, 2, 4, ... widen the receptive field to cover sidelobes of the spectrum.
+        self.blocks = nn.Sequential(*[_ResidualBlock(channels, 2 ** (i % 3))
+                                      for i in range(config.model_depth)])
+        self.dropout = nn.Dropout2d(config.dropout)
+        self.detect = nn.Conv2d(channels, 4 * n_range, 1)
+        k_max = config.max_sources
+        self.pooled = nn.Sequential(nn.Linear(2 * channels, config.model_width), nn.GELU(),
+                                    nn.Dropout(config.dropout))
+        self.k_head = nn.Linear(config.model_width, k_max)
+        self.shrink_head = nn.Linear(config.model_width, 1)
+        self.factor_head = (nn.Linear(config.model_width, 2 * config.n_elements
+                                      * config.factor_rank)
+                            if config.cov_head == "free" else None)
+        # Start with few detections: objectness ~ 1 %, as in CenterNet.
+        nn.init.constant_(self.detect.bias[:n_range], -4.6)
+        nn.init.zeros_(self.detect.bias[n_range:])
+
+    def forward(self, measurements: torch.Tensor) -> ModelOutput:
+        """measurements: (B, L, M) complex64 (SceneBatch.measurements)."""
+        config = self.config
+        n_range, n_el, n_az = self.grid.shape
+        hidden = self.dropout(self.blocks(self.stem(self.spectrum(measurements))))
+        maps = self.detect(F.gelu(hidden)).float()
+        objectness = maps[:, :n_range]  # (B, R, E, A)
+        offsets = torch.tanh(maps[:, n_range:]).reshape(-1, 3, n_range, n_el, n_az)
+        pooled = self.pooled(torch.cat([hidden.mean(dim=(-2, -1)), hidden.amax(dim=(-2, -1))],
+                                       dim=-1))
+        k_logits = self.k_head(pooled).float()
+        shrinkage = torch.sigmoid(self.shrink_head(pooled).float().squeeze(-1) - 2.0)
+
+        azimuth, elevation, range_m, weight = self._slots(objectness, offsets)
+        if self.factor_head is None:
+            steering = steering_vectors(azimuth, elevation, range_m, self.elements,
+                                        self.wavenumber)
+            factor = (steering * weight.sqrt()[..., None]).transpose(-2, -1)  # (B, N, K_max)
+        else:
+            raw = self.factor_head(pooled).float().reshape(
+                -1, config.n_elements, config.factor_rank, 2)
+            factor = torch.complex(raw[..., 0], raw[..., 1])
+            shrinkage = None
+        return ModelOutput(factor=factor, k_logits=k_logits, azimuth_rad=azimuth,
+                           elevation_rad=elevation, range_m=range_m, weight=weight,
+                           shrinkage=shrinkage, objectness=objectness, offsets=offsets)
+
+    def _slots(self, objectness: torch.Tensor, offsets: torch.Tensor
+               ) -> tuple[torch.Tensor, ...]:
+        """The K_max strongest local maxima of the objectness map, placed at cell + offset."""
+        batch = objectness.shape[0]
+        k_max = self.config.max_sources
+        logits = objectness.unsqueeze(1)  # (B, 1, R, E, A)
+        peak = logits == F.max_pool3d(logits, 3, stride=1, padding=1)
+        ranked = torch.where(peak, logits, logits - 1e4).reshape(batch, -1)
+        top = ranked.topk(k_max, dim=-1).indices  # (B, K_max)
+        weight = torch.sigmoid(objectness.reshape(batch, -1).gather(1, top))
+        _, n_el, n_az = self.grid.shape
+        cell = torch.stack([top // (n_el * n_az), (top // n_az) % n_el, top % n_az], -1)
+        offset = offsets.reshape(batch, 3, -1).gather(2, top[:, None, :].expand(-1, 3, -1))
+        coords = cell.to(offset.dtype) + offset.transpose(1, 2)  # (B, K_max, 3) in cells
+        start = torch.tensor(self.grid.start, dtype=coords.dtype, device=coords.device)
+        step = torch.tensor(self.grid.step, dtype=coords.dtype, device=coords.device)
+        values = start + coords * step
+        config = self.config
+        inverse_range = values[..., 0].clamp(1.0 / config.range_max_m, 1.0 / config.range_min_m)
+        el_max, az_max = math.radians(config.elevation_max_deg), math.radians(
+            config.azimuth_max_deg)
+        return (values[..., 2].clamp(-az_max, az_max), values[..., 1].clamp(-el_max, el_max),
+                1.0 / inverse_range, weight)
+
+
+def build_model(config: ExperimentConfig, deployment: Deployment) -> CovarianceNet:
+    """The network for `config`, on the deployment's device."""
+    return CovarianceNet(config, deployment).to(deployment.operator.device)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

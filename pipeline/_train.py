@@ -1,0 +1,288 @@
+"""The training loop: `train(config, *, device, on_epoch_end=None)`, read top to bottom.
+
+Per epoch: fresh (or fixed) training scenes generated on the device, AdamW with a warm-up + cosine
+schedule stepped every optimisation step, gradient clipping, bf16 autocast for the network on CUDA
+(the loss stays float32), then validation on the fixed validation scenes (loss, NMSE, K accuracy,
+MUSIC localization on R_blend) and a checkpoint. The callback gets the epoch's metrics; whatever it
+raises propagates unchanged (that is how the HPO layer prunes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline._config import ExperimentConfig, config_from_dict, config_to_dict
+from pipeline._data import SceneBatch, iterate_batches, load_split
+from pipeline._errors import CheckpointError, ConfigError, NumericalError
+from pipeline._evaluate import evaluate_covariances
+from pipeline._losses import TERMS, compute_loss
+from pipeline._model import CovarianceNet, build_model
+from pipeline._physics import Deployment
+
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
+_VAL_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 1-based
+    train_loss: float
+    train_terms: dict[str, float]  # cov, k, aux, det, gap: unweighted batch means over the epoch
+    val_loss: float
+    val_nmse: float  # NMSE(R_blend, R_true) on the validation scenes
+    k_accuracy: float
+    rmse_azimuth_deg: float
+    rmse_elevation_deg: float
+    rmse_range_m: float
+    success_rate: float
+    composite: float  # SYSTEM.md §5, lower is better; independent of every loss weight
+    lr: float  # learning rate after the epoch's last step
+    seconds: float  # wall time of the epoch, validation included
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    config: ExperimentConfig
+    history: list[EpochMetrics]
+    checkpoint_path: Path | None = None
+    resumed_from_epoch: int = 0  # 0 when trained from scratch
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> EpochMetrics:
+        return self.history[-1]
+
+    @property
+    def best(self) -> EpochMetrics:
+        return min(self.history, key=lambda m: m.composite)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when present), 'cpu' or 'cuda'/'cuda:N'; ConfigError when unavailable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+        return torch.device(name)
+    raise ConfigError(f"device must be auto, cpu or cuda, but got {name!r}")
+
+
+def steps_per_epoch(config: ExperimentConfig) -> int:
+    return math.ceil(config.n_train / config.batch_size)
+
+
+def lr_factor(config: ExperimentConfig, step: int, total_steps: int) -> float:
+    """Multiplier of config.lr after `step` optimisation steps: linear warm-up, then cosine to 0.
+
+    Written per optimisation step, and stepped per step by `train`.
+    """
+    warmup = max(1, round(config.warmup_frac * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, config: ExperimentConfig
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    total = config.epochs * steps_per_epoch(config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config, step, total))
+    return optimizer, scheduler
+
+
+def _autocast(config: ExperimentConfig, device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=config.amp and device.type == "cuda")
+
+
+def _check_finite(values: dict[str, torch.Tensor], *, epoch: int, batch: int) -> None:
+    # One host sync for all terms; names the first bad one.
+    finite = torch.stack([torch.isfinite(v).all() for v in values.values()])
+    if not bool(finite.all()):
+        term = list(values)[int((~finite).nonzero()[0, 0])]
+        what = "gradient norm" if term == "grad" else f"{term} loss"
+        raise NumericalError(f"non-finite {what} at epoch {epoch} batch {batch}",
+                             term=term, epoch=epoch, batch=batch)
+
+
+def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LambdaLR, config: ExperimentConfig,
+                 deployment: Deployment, device: torch.device, epoch: int) -> dict[str, float]:
+    model.train()
+    sums = torch.zeros(len(TERMS) + 1, device=device)
+    n_batches = 0
+    for index, batch in enumerate(iterate_batches(config, deployment, "train", config.n_train,
+                                                  config.batch_size, epoch=epoch)):
+        with _autocast(config, device):
+            output = model(batch.measurements)
+        terms, _ = compute_loss(output, batch, config)
+        total = terms.total
+        if config.fault_nonfinite_epoch == epoch:
+            total = total * float("nan")  # injected fault, for tests of the HPO layer
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        _check_finite({**terms.as_dict(), "total": total, "grad": grad_norm},
+                      epoch=epoch, batch=index)
+        optimizer.step()
+        scheduler.step()
+        sums += torch.stack([total.detach(), *(t.detach() for t in terms.as_dict().values())])
+        n_batches += 1
+    means = (sums / max(1, n_batches)).tolist()
+    return {"total": means[0], **dict(zip(TERMS, means[1:]))}
+
+
+@torch.no_grad()
+def validate(model: CovarianceNet, val: SceneBatch, config: ExperimentConfig,
+             deployment: Deployment) -> dict[str, float]:
+    """Validation loss, NMSE(R_blend, R_true), K accuracy and MUSIC localization on R_blend."""
+    model.eval()
+    device = val.fields.device
+    totals = torch.zeros(2, device=device)
+    blends, k_hats = [], []
+    for start in range(0, val.size, _VAL_CHUNK):
+        chunk = val.select(slice(start, start + _VAL_CHUNK))
+        with _autocast(config, device):
+            output = model(chunk.measurements)
+        terms, mats = compute_loss(output, chunk, config)
+        size = chunk.size
+        totals += torch.stack([terms.total * size, terms.cov * size])
+        k_hats.append(output.k_logits.argmax(-1) + 1)
+        if start < config.n_val_localize:
+            blends.append(mats.blend)
+    k_hat = torch.cat(k_hats)
+    n_localize = min(config.n_val_localize, val.size)
+    located = val.select(slice(0, n_localize))
+    metrics = evaluate_covariances(torch.cat(blends)[:n_localize], k_hat[:n_localize], located,
+                                   deployment, config)
+    val_loss, val_nmse = (totals / val.size).tolist()
+    metrics["k_accuracy"] = float((k_hat == val.n_sources).float().mean())
+    return {"val_loss": val_loss, "val_nmse": val_nmse, **metrics}
+
+
+def _epoch_metrics(epoch: int, train_terms: dict[str, float], val: dict[str, float], lr: float,
+                   seconds: float) -> EpochMetrics:
+    composite = ((1.0 - val["k_accuracy"]) + val["rmse_azimuth_deg"] / 5.0
+                 + val["rmse_elevation_deg"] / 5.0 + val["rmse_range_m"] / 1.0
+                 - val["success_rate"])
+    return EpochMetrics(
+        epoch=epoch, train_loss=train_terms["total"],
+        train_terms={name: train_terms[name] for name in TERMS},
+        val_loss=val["val_loss"], val_nmse=val["val_nmse"], k_accuracy=val["k_accuracy"],
+        rmse_azimuth_deg=val["rmse_azimuth_deg"], rmse_elevation_deg=val["rmse_elevation_deg"],
+        rmse_range_m=val["rmse_range_m"], success_rate=val["success_rate"], composite=composite,
+        lr=lr, seconds=seconds,
+    )
+
+
+def save_checkpoint(path: Path, *, config: ExperimentConfig, epoch: int, model: CovarianceNet,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None,
+                    history: list[EpochMetrics] | None = None) -> None:
+    """A plain dict holding everything needed to resume at the end of `epoch`. Atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": 1,
+        "config": config_to_dict(config),
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "history": [m.to_dict() for m in (history or [])],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The checkpoint dict with `config` rebuilt as an ExperimentConfig."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as error:  # a torn or foreign file: say which, once
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this pipeline")
+    state["config"] = config_from_dict(state["config"])
+    return state
+
+
+def load_model(path: Path, device: torch.device) -> tuple[CovarianceNet, ExperimentConfig,
+                                                          Deployment]:
+    """A trained network from a checkpoint, in eval mode, with its config and deployment."""
+    state = load_checkpoint(path, device)
+    config = state["config"]
+    deployment = Deployment.build(config, device)
+    model = build_model(config, deployment)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, config, deployment
+
+
+def train(config: ExperimentConfig, *, device: torch.device,
+          on_epoch_end: Callable[[EpochMetrics], None] | None = None,
+          checkpoint_dir: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train `config` on `device`; call `on_epoch_end(metrics)` after each epoch's validation.
+
+    With `checkpoint_dir`, the state after every epoch goes to checkpoint_dir/checkpoint.pt and the
+    best epoch's (lowest composite) to best.pt. With `resume=True` and a checkpoint of the same
+    config there, training continues at the epoch after it. Exceptions from `on_epoch_end`
+    propagate unchanged; a non-finite loss or gradient raises NumericalError.
+    """
+    torch.manual_seed(config.seed)
+    deployment = Deployment.build(config, device)
+    model = build_model(config, deployment)
+    optimizer, scheduler = make_optimizer(model, config)
+    history: list[EpochMetrics] = []
+    checkpoint_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir is not None else None
+
+    start_epoch = 1
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, device)
+        if state["config"] != config:
+            raise CheckpointError(f"{checkpoint_path} holds another config; not resuming from it")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+        start_epoch = state["epoch"] + 1
+    resumed_from = start_epoch - 1
+
+    val = load_split(config, deployment, "val", config.n_val)
+    for epoch in range(start_epoch, config.epochs + 1):
+        started = time.perf_counter()
+        train_terms = _train_epoch(model, optimizer, scheduler, config, deployment, device, epoch)
+        val_metrics = validate(model, val, config, deployment)
+        metrics = _epoch_metrics(epoch, train_terms, val_metrics, scheduler.get_last_lr()[0],
+                                 time.perf_counter() - started)
+        history.append(metrics)
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, config=config, epoch=epoch, model=model,
+                            optimizer=optimizer, scheduler=scheduler, history=history)
+            if metrics is min(history, key=lambda m: m.composite):
+                save_checkpoint(checkpoint_path.with_name(BEST_NAME), config=config, epoch=epoch,
+                                model=model, history=history)
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+    return TrainResult(config=config, history=history, checkpoint_path=checkpoint_path,
+                       resumed_from_epoch=resumed_from)

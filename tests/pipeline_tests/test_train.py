@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from pipeline import NumericalError, preset
+from pipeline._data import generate_scenes
+from pipeline._losses import compute_loss
+from pipeline._model import build_model
+from pipeline._physics import Deployment
+from pipeline._train import (
+    EpochMetrics,
+    load_checkpoint,
+    lr_factor,
+    make_optimizer,
+    steps_per_epoch,
+    train,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_small_model_overfits_one_batch():
+    config = dataclasses.replace(preset("smoke"), beta=0.0, lr=3e-3, warmup_frac=0.0,
+                                 weight_decay=0.0, dropout=0.0)
+    torch.manual_seed(0)
+    deployment = Deployment.build(config)
+    batch = generate_scenes(config, deployment, 16, 5)
+    model = build_model(config, deployment)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    losses = []
+    for _ in range(300):
+        terms, _ = compute_loss(model(batch.measurements), batch, config)
+        optimizer.zero_grad()
+        terms.total.backward()
+        optimizer.step()
+        losses.append(float(terms.total))
+    assert all(math.isfinite(v) for v in losses)
+    assert min(losses[-10:]) < losses[0] / 10, (losses[0], losses[-10:])
+
+
+def test_learning_rate_follows_warmup_cosine_per_step():
+    config = dataclasses.replace(preset("smoke"), epochs=3, n_train=100, batch_size=10,
+                                 warmup_frac=0.2, lr=1e-2)
+    total = 3 * steps_per_epoch(config)  # 30 steps, 6 of warm-up
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = make_optimizer(model, config)
+    seen = []
+    for _ in range(total):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] == pytest.approx(1e-2 / 6)
+    assert seen[5] == pytest.approx(1e-2)  # peak at the end of warm-up
+    assert seen[:6] == sorted(seen[:6]) and seen[5:] == sorted(seen[5:], reverse=True)
+    mid = 6 + (total - 6) // 2
+    assert seen[mid] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-6)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_train_steps_the_schedule_every_step_not_every_epoch():
+    config = dataclasses.replace(preset("smoke"), epochs=2, n_train=64, batch_size=16,
+                                 warmup_frac=0.25, n_val=16, n_val_localize=16)
+    result = train(config, device=CPU)
+    per_epoch = steps_per_epoch(config)  # 4 steps per epoch, 8 in all
+    lr_after_first = result.history[0].lr
+    assert lr_after_first == pytest.approx(config.lr * lr_factor(config, per_epoch, 2 * per_epoch))
+    # A per-epoch schedule would still be in warm-up (step 1 of 8) after the first epoch.
+    assert lr_after_first != pytest.approx(config.lr * lr_factor(config, 1, 2 * per_epoch))
+
+
+def test_bf16_autocast_and_full_precision_give_the_same_loss():
+    config = dataclasses.replace(preset("smoke"), n_ris_rows=12, n_ris_cols=12)
+    torch.manual_seed(0)
+    deployment = Deployment.build(config)
+    batch = generate_scenes(config, deployment, 32, 9)
+    model = build_model(config, deployment)
+    output = model(batch.measurements)
+    full, _ = compute_loss(output, batch, config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed_output = model(batch.measurements)
+        mixed, _ = compute_loss(mixed_output, batch, config)
+        # The loss arithmetic ignores autocast: the same outputs give the same float32 loss.
+        same_outputs, mats = compute_loss(output, batch, config)
+    assert mixed.total.dtype == torch.float32 and mats.blend.dtype == torch.complex64
+    assert float(same_outputs.total) == pytest.approx(float(full.total), rel=1e-6)
+    assert float(mixed.total) == pytest.approx(float(full.total), rel=1e-3)
+
+
+def test_callback_gets_every_epoch_and_its_exception_propagates():
+    config = dataclasses.replace(preset("smoke"), epochs=3)
+    seen: list[EpochMetrics] = []
+
+    class Stop(Exception):
+        pass
+
+    def callback(metrics: EpochMetrics) -> None:
+        seen.append(metrics)
+        if metrics.epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config, device=CPU, on_epoch_end=callback)
+    assert [m.epoch for m in seen] == [1, 2]
+    for value in (seen[0].train_loss, seen[0].val_nmse, seen[0].composite):
+        assert math.isfinite(value)
+
+
+def test_non_finite_loss_raises_naming_term_epoch_and_batch():
+    config = dataclasses.replace(preset("smoke"), epochs=2, fault_nonfinite_epoch=2)
+    with pytest.raises(NumericalError, match="non-finite total loss at epoch 2 batch 0") as info:
+        train(config, device=CPU)
+    assert (info.value.term, info.value.epoch, info.value.batch) == ("total", 2, 0)
+
+
+def test_checkpoint_resumes_at_the_next_epoch_with_the_same_result(tmp_path):
+    config = dataclasses.replace(preset("smoke"), epochs=3)
+    straight = train(config, device=CPU)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(metrics: EpochMetrics) -> None:
+        if metrics.epoch == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(config, device=CPU, checkpoint_dir=tmp_path, on_epoch_end=crash_after_two)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["config"] == config
+    assert {"model", "optimizer", "scheduler", "history"} <= set(state)
+    resumed = train(config, device=CPU, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.resumed_from_epoch == 2
+    assert [m.epoch for m in resumed.history] == [1, 2, 3]
+    assert resumed.final.train_loss == pytest.approx(straight.final.train_loss, rel=1e-5)
+    assert resumed.final.val_nmse == pytest.approx(straight.final.val_nmse, rel=1e-5)
