@@ -17,18 +17,32 @@ from pipeline._config import (
     replace,
 )
 from pipeline._errors import CheckpointError, ConfigError, NumericalError, PipelineError
+from pipeline._train import (
+    EpochMetrics,
+    TrainResult,
+    load_checkpoint,
+    load_model,
+    resolve_device,
+    train,
+)
 
 __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "EpochMetrics",
     "ExperimentConfig",
     "NumericalError",
     "PipelineError",
+    "TrainResult",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
     "field_names",
+    "load_checkpoint",
+    "load_model",
     "preset",
     "replace",
+    "resolve_device",
+    "train",
 ]
