@@ -1,0 +1,41 @@
+"""Where trials are kept: the Optuna store (embedded SQLite by default, or PostgreSQL).
+
+`resolve_url` picks the URL (flag, then $HPO_STORAGE, then sqlite:///hpo.db in the working
+directory), `open_storage` turns it into an Optuna RDBStorage with the right engine options, and
+`store_lock` serialises short critical sections across every process using the store. Errors are
+StorageError subclasses whose messages are one line and never contain a password; `redact` hides
+passwords in any other text that might hold a URL.
+"""
+
+from __future__ import annotations
+
+from storage._errors import (
+    StorageAuthError,
+    StorageError,
+    StorageMissingError,
+    StorageSchemaError,
+    StorageUnreachableError,
+    StorageURLError,
+)
+from storage._lock import store_lock
+from storage._open import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, open_storage
+from storage._url import DEFAULT_URL, ENV_VAR, StoreLocation, parse_url, redact, resolve_url
+
+__all__ = [
+    "DEFAULT_URL",
+    "ENV_VAR",
+    "GRACE_PERIOD_S",
+    "HEARTBEAT_INTERVAL_S",
+    "StorageAuthError",
+    "StorageError",
+    "StorageMissingError",
+    "StorageSchemaError",
+    "StorageURLError",
+    "StorageUnreachableError",
+    "StoreLocation",
+    "open_storage",
+    "parse_url",
+    "redact",
+    "resolve_url",
+    "store_lock",
+]
