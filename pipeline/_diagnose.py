@@ -40,7 +40,7 @@ def scale_report(config: ExperimentConfig, device: torch.device) -> dict[str, An
     batch = next(iterate_batches(config, deployment, "train", config.batch_size,
                                  config.batch_size, epoch=1))
     model = build_model(config, deployment)
-    output = model(batch.measurements)
+    output = model(batch.measurements, batch.fields)
     terms, mats = compute_loss(output, batch, config)
     n_elements = config.n_elements
 
@@ -66,7 +66,7 @@ def scale_report(config: ExperimentConfig, device: torch.device) -> dict[str, An
     # Fix 3: the eigengap term, switched on, on this rank-deficient R_blend (R_pred has rank
     # <= K_max in N dimensions) must still give finite gradients.
     gap_config = dataclasses.replace(config, lam_gap=config.lam_gap or 1.0)
-    gap_terms, _ = compute_loss(model(batch.measurements), batch, gap_config)
+    gap_terms, _ = compute_loss(model(batch.measurements, batch.fields), batch, gap_config)
     report["eigengap_term"] = float(gap_terms.gap)
     report["eigengap_gradients_finite"] = bool(torch.isfinite(gap_terms.gap)) and _grads_finite(
         model, gap_terms.total)

@@ -2,8 +2,9 @@
 
 Physics first: the sensing operator Phi_l = G diag(c_l) is known, so each scene's measurements are
 matched-filtered against the coded dictionary Phi_l a(p) over a (1/range, elevation, azimuth) grid.
-That spectrum, a blurred picture of where the energy comes from, is what the network sees; it never
-has to rediscover the geometry from the raw 16 x 16 measurements.
+That spectrum, a blurred picture of where the energy comes from, is what the network sees, beside
+the MUSIC pseudo-spectrum of R_samp on the same grid (sharper peaks, more spurious ones) and
+R_samp's eigenvalue profile; it never has to rediscover the geometry from raw 16 x 16 measurements.
 
 A residual convolutional trunk turns the spectrum into a detection map (CenterNet-style): per grid
 cell an objectness logit and a sub-cell offset in each coordinate. The K_max source slots are the
@@ -30,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from pipeline._config import ExperimentConfig
+from pipeline._covariance import sample_covariance
 from pipeline._physics import Deployment, steering_vectors
 
 
@@ -119,6 +121,44 @@ class MatchedFilterSpectrum(nn.Module):
         return torch.log(power + 1e-3).reshape(-1, *self.grid_shape)
 
 
+class SubspaceSpectrum(nn.Module):
+    """x_hat (B, L, N) complex -> MUSIC log pseudo-spectrum of R_samp (B, R, E, A) and the
+    2 K_max largest eigenvalues of R_samp over N (B, 2 K_max), both float32, no gradient.
+
+    The signal subspace is the K_max strongest eigenvectors of R_samp (Fix 1: trace N);
+    proj(g) = ||E_s^H a(g)||^2 / N and the feature is -log(1 - proj + 1e-3): one GEMM of the grid's
+    steering matrix against every scene's subspace. The eigenvalue profile is what MDL counts
+    sources from, handed to the K head.
+    """
+
+    def __init__(self, config: ExperimentConfig, deployment: Deployment, grid: FeatureGrid
+                 ) -> None:
+        super().__init__()
+        self.grid_shape = grid.shape
+        self.n_signal = min(config.max_sources, config.n_elements - 1)
+        self.n_eigen = min(2 * config.max_sources, config.n_elements)
+        device = deployment.operator.device
+        az, el, rng = (t.reshape(-1).to(device=device, dtype=torch.float32)
+                       for t in grid.points())
+        self.register_buffer("atoms", deployment.steering(az, el, rng).conj().contiguous(),
+                             persistent=False)  # (G, N)
+
+    @torch.no_grad()
+    def forward(self, fields: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=fields.device.type, enabled=False):
+            r_samp = sample_covariance(fields)
+            eigenvalues, eigenvectors = torch.linalg.eigh(r_samp)  # ascending
+            n_elements = r_samp.shape[-1]
+            signal = eigenvectors[..., -self.n_signal:]  # (B, N, K)
+            batch = signal.shape[0]
+            stacked = signal.transpose(0, 1).reshape(n_elements, -1)  # (N, B*K)
+            proj = (self.atoms @ stacked).abs().square().reshape(-1, batch, self.n_signal)
+            proj = proj.sum(-1).T / n_elements  # (B, G)
+            music = -torch.log((1.0 - proj).clamp_min(0.0) + 1e-3)
+            profile = eigenvalues.flip(-1)[..., : self.n_eigen] / n_elements
+        return music.reshape(-1, *self.grid_shape), profile
+
+
 class _ResidualBlock(nn.Module):
     def __init__(self, channels: int, dilation: int) -> None:
         super().__init__()
@@ -135,19 +175,23 @@ class CovarianceNet(nn.Module):
         self.config = config
         self.grid = FeatureGrid.from_config(config)
         self.spectrum = MatchedFilterSpectrum(config, deployment, self.grid)
+        self.subspace = SubspaceSpectrum(config, deployment, self.grid)
         self.register_buffer("elements", deployment.elements.clone(), persistent=False)
         self.wavenumber = deployment.wavenumber
         n_range = self.grid.shape[0]
         channels = config.conv_channels
-        self.stem = nn.Conv2d(n_range, channels, 3, padding=1)
+        self.stem = nn.Conv2d(2 * n_range, channels, 3, padding=1)
         # Dilations 1, 2, 4, ... widen the receptive field to cover sidelobes of the spectrum.
         self.blocks = nn.Sequential(*[_ResidualBlock(channels, 2 ** (i % 3))
                                       for i in range(config.model_depth)])
         self.dropout = nn.Dropout2d(config.dropout)
         self.detect = nn.Conv2d(channels, 4 * n_range, 1)
         k_max = config.max_sources
-        self.pooled = nn.Sequential(nn.Linear(2 * channels, config.model_width), nn.GELU(),
-                                    nn.Dropout(config.dropout))
+        # The pooled head also sees the 2 K_max strongest peak logits of the map (counting
+        # sources is then counting confident detections) and R_samp's eigenvalue profile.
+        self.pooled = nn.Sequential(nn.Linear(2 * channels + 2 * k_max + self.subspace.n_eigen,
+                                              config.model_width),
+                                    nn.GELU(), nn.Dropout(config.dropout))
         self.k_head = nn.Linear(config.model_width, k_max)
         self.shrink_head = nn.Linear(config.model_width, 1)
         self.factor_head = (nn.Linear(config.model_width, 2 * config.n_elements
@@ -157,20 +201,23 @@ class CovarianceNet(nn.Module):
         nn.init.constant_(self.detect.bias[:n_range], -4.6)
         nn.init.zeros_(self.detect.bias[n_range:])
 
-    def forward(self, measurements: torch.Tensor) -> ModelOutput:
-        """measurements: (B, L, M) complex64 (SceneBatch.measurements)."""
+    def forward(self, measurements: torch.Tensor, fields: torch.Tensor) -> ModelOutput:
+        """measurements: (B, L, M) complex64; fields: (B, L, N) complex64 (from SceneBatch)."""
         config = self.config
         n_range, n_el, n_az = self.grid.shape
-        hidden = self.dropout(self.blocks(self.stem(self.spectrum(measurements))))
+        music, profile = self.subspace(fields)
+        features = torch.cat([self.spectrum(measurements), music], dim=1)
+        hidden = self.dropout(self.blocks(self.stem(features)))
         maps = self.detect(F.gelu(hidden)).float()
         objectness = maps[:, :n_range]  # (B, R, E, A)
         offsets = torch.tanh(maps[:, n_range:]).reshape(-1, 3, n_range, n_el, n_az)
-        pooled = self.pooled(torch.cat([hidden.mean(dim=(-2, -1)), hidden.amax(dim=(-2, -1))],
+        azimuth, elevation, range_m, weight, peaks = self._slots(objectness, offsets)
+        pooled = self.pooled(torch.cat([hidden.mean(dim=(-2, -1)), hidden.amax(dim=(-2, -1)),
+                                        peaks.to(hidden.dtype), profile.to(hidden.dtype)],
                                        dim=-1))
         k_logits = self.k_head(pooled).float()
         shrinkage = torch.sigmoid(self.shrink_head(pooled).float().squeeze(-1) - 2.0)
 
-        azimuth, elevation, range_m, weight = self._slots(objectness, offsets)
         if self.factor_head is None:
             steering = steering_vectors(azimuth, elevation, range_m, self.elements,
                                         self.wavenumber)
@@ -186,13 +233,20 @@ class CovarianceNet(nn.Module):
 
     def _slots(self, objectness: torch.Tensor, offsets: torch.Tensor
                ) -> tuple[torch.Tensor, ...]:
-        """The K_max strongest local maxima of the objectness map, placed at cell + offset."""
+        """The K_max strongest local maxima of the objectness map, placed at cell + offset.
+
+        Returns azimuth, elevation, range, weight (B, K_max) and the 2 K_max strongest peak
+        logits (B, 2 K_max), descending.
+        """
         batch = objectness.shape[0]
         k_max = self.config.max_sources
         logits = objectness.unsqueeze(1)  # (B, 1, R, E, A)
         peak = logits == F.max_pool3d(logits, 3, stride=1, padding=1)
         ranked = torch.where(peak, logits, logits - 1e4).reshape(batch, -1)
-        top = ranked.topk(k_max, dim=-1).indices  # (B, K_max)
+        n_peaks = min(2 * k_max, ranked.shape[-1])
+        peak_logits, top = ranked.topk(n_peaks, dim=-1)
+        peak_logits = F.pad(peak_logits.clamp_min(-20.0), (0, 2 * k_max - n_peaks), value=-20.0)
+        top = top[:, :k_max]  # (B, K_max)
         weight = torch.sigmoid(objectness.reshape(batch, -1).gather(1, top))
         _, n_el, n_az = self.grid.shape
         cell = torch.stack([top // (n_el * n_az), (top // n_az) % n_el, top % n_az], -1)
@@ -206,7 +260,7 @@ class CovarianceNet(nn.Module):
         el_max, az_max = math.radians(config.elevation_max_deg), math.radians(
             config.azimuth_max_deg)
         return (values[..., 2].clamp(-az_max, az_max), values[..., 1].clamp(-el_max, el_max),
-                1.0 / inverse_range, weight)
+                1.0 / inverse_range, weight, peak_logits)
 
 
 def build_model(config: ExperimentConfig, deployment: Deployment) -> CovarianceNet:

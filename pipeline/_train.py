@@ -132,7 +132,7 @@ def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
     for index, batch in enumerate(iterate_batches(config, deployment, "train", config.n_train,
                                                   config.batch_size, epoch=epoch)):
         with _autocast(config, device):
-            output = model(batch.measurements)
+            output = model(batch.measurements, batch.fields)
         terms, _ = compute_loss(output, batch, config)
         total = terms.total
         if config.fault_nonfinite_epoch == epoch:
@@ -153,7 +153,8 @@ def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
 @torch.no_grad()
 def validate(model: CovarianceNet, val: SceneBatch, config: ExperimentConfig,
              deployment: Deployment) -> dict[str, float]:
-    """Validation loss, NMSE(R_blend, R_true), K accuracy and MUSIC localization on R_blend."""
+    """Validation loss and NMSE(R_blend, R_true) over every validation scene; K accuracy, MUSIC
+    localization on R_blend and the composite score over the first n_val_localize of them."""
     model.eval()
     device = val.fields.device
     totals = torch.zeros(2, device=device)
@@ -161,7 +162,7 @@ def validate(model: CovarianceNet, val: SceneBatch, config: ExperimentConfig,
     for start in range(0, val.size, _VAL_CHUNK):
         chunk = val.select(slice(start, start + _VAL_CHUNK))
         with _autocast(config, device):
-            output = model(chunk.measurements)
+            output = model(chunk.measurements, chunk.fields)
         terms, mats = compute_loss(output, chunk, config)
         size = chunk.size
         totals += torch.stack([terms.total * size, terms.cov * size])
@@ -174,21 +175,18 @@ def validate(model: CovarianceNet, val: SceneBatch, config: ExperimentConfig,
     metrics = evaluate_covariances(torch.cat(blends)[:n_localize], k_hat[:n_localize], located,
                                    deployment, config)
     val_loss, val_nmse = (totals / val.size).tolist()
-    metrics["k_accuracy"] = float((k_hat == val.n_sources).float().mean())
     return {"val_loss": val_loss, "val_nmse": val_nmse, **metrics}
 
 
 def _epoch_metrics(epoch: int, train_terms: dict[str, float], val: dict[str, float], lr: float,
                    seconds: float) -> EpochMetrics:
-    composite = ((1.0 - val["k_accuracy"]) + val["rmse_azimuth_deg"] / 5.0
-                 + val["rmse_elevation_deg"] / 5.0 + val["rmse_range_m"] / 1.0
-                 - val["success_rate"])
     return EpochMetrics(
         epoch=epoch, train_loss=train_terms["total"],
         train_terms={name: train_terms[name] for name in TERMS},
         val_loss=val["val_loss"], val_nmse=val["val_nmse"], k_accuracy=val["k_accuracy"],
         rmse_azimuth_deg=val["rmse_azimuth_deg"], rmse_elevation_deg=val["rmse_elevation_deg"],
-        rmse_range_m=val["rmse_range_m"], success_rate=val["success_rate"], composite=composite,
+        rmse_range_m=val["rmse_range_m"], success_rate=val["success_rate"],
+        composite=val["composite"],
         lr=lr, seconds=seconds,
     )
 

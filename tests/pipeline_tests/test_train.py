@@ -33,7 +33,7 @@ def test_small_model_overfits_one_batch():
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     losses = []
     for _ in range(300):
-        terms, _ = compute_loss(model(batch.measurements), batch, config)
+        terms, _ = compute_loss(model(batch.measurements, batch.fields), batch, config)
         optimizer.zero_grad()
         terms.total.backward()
         optimizer.step()
@@ -78,10 +78,10 @@ def test_bf16_autocast_and_full_precision_give_the_same_loss():
     deployment = Deployment.build(config)
     batch = generate_scenes(config, deployment, 32, 9)
     model = build_model(config, deployment)
-    output = model(batch.measurements)
+    output = model(batch.measurements, batch.fields)
     full, _ = compute_loss(output, batch, config)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed_output = model(batch.measurements)
+        mixed_output = model(batch.measurements, batch.fields)
         mixed, _ = compute_loss(mixed_output, batch, config)
         # The loss arithmetic ignores autocast: the same outputs give the same float32 loss.
         same_outputs, mats = compute_loss(output, batch, config)
