@@ -60,6 +60,8 @@ def open_storage(
     stale_trial_callback: StaleTrialCallback | None = None,
     retries: int = CONNECT_RETRIES,
     backoff_s: float = CONNECT_BACKOFF_S,
+    heartbeat_interval_s: int = HEARTBEAT_INTERVAL_S,
+    grace_period_s: int = GRACE_PERIOD_S,
 ) -> RDBStorage:
     """Open (and with `create`, initialise) the Optuna store at `location`.
 
@@ -82,8 +84,8 @@ def open_storage(
             heartbeat_kwargs: dict[str, Any] = {}
             if heartbeat:
                 heartbeat_kwargs = {
-                    "heartbeat_interval": HEARTBEAT_INTERVAL_S,
-                    "grace_period": GRACE_PERIOD_S,
+                    "heartbeat_interval": heartbeat_interval_s,
+                    "grace_period": grace_period_s,
                     "heartbeat_stale_trial_callback": stale_trial_callback
                     or RetryHeartbeatStaleTrialCallback(max_retry=2),
                 }
