@@ -1,0 +1,157 @@
+"""Study settings, the budget's count, and claiming trials from several processes at once."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo._study import (
+    RequeueStaleTrial,
+    StudyError,
+    StudySettings,
+    check_compatible,
+    claim_trial,
+    count_trials,
+    create_or_load_study,
+    fail_trial,
+    load_existing_study,
+    study_counts,
+)
+from storage import open_storage
+
+SETTINGS = StudySettings(preset="smoke", objective="composite", direction="minimize", epochs=2)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+def test_resuming_with_other_settings_is_refused_before_anything_is_written(store_url):
+    storage = open_storage(store_url)
+    name = unique("settings")
+    assert check_compatible(storage, name, SETTINGS) is False
+    create_or_load_study(storage, name, SETTINGS, budget=5)
+    assert check_compatible(storage, name, SETTINGS) is True
+    for change in ({"objective": "nmse"}, {"epochs": 3}, {"preset": "quick"}):
+        other = StudySettings(**{**SETTINGS.to_attrs(), **change})
+        with pytest.raises(StudyError, match="was created with") as info:
+            create_or_load_study(storage, name, other, budget=9)
+        assert "\n" not in str(info.value)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.user_attrs["hpo_settings"] == SETTINGS.to_attrs()
+    assert study.user_attrs["hpo_budget"] == 5  # the refused runs changed nothing
+
+
+def test_a_foreign_study_with_trials_is_not_adopted(store_url):
+    storage = open_storage(store_url)
+    name = unique("foreign")
+    optuna.create_study(storage=storage, study_name=name).optimize(lambda t: 1.0, n_trials=1)
+    with pytest.raises(StudyError, match="not created by hpo run"):
+        check_compatible(storage, name, SETTINGS)
+
+
+def test_load_existing_study_picks_the_only_one_or_asks(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(StudyError, match="holds no study"):
+        load_existing_study(storage, None)
+    create_or_load_study(storage, "a", SETTINGS, budget=1)
+    assert load_existing_study(storage, None).study_name == "a"
+    create_or_load_study(storage, "b", SETTINGS, budget=1)
+    with pytest.raises(StudyError, match="several studies.*a, b"):
+        load_existing_study(storage, None)
+    with pytest.raises(StudyError, match="no study named 'c'; studies: a, b"):
+        load_existing_study(storage, "c")
+
+
+def test_interrupted_trials_are_requeued_with_their_params_and_leave_the_budget(store_url):
+    storage = open_storage(store_url)
+    study = create_or_load_study(storage, unique("requeue"), SETTINGS, budget=3)
+    first = claim_trial(study, 3)
+    x = first.suggest_float("x", 0.0, 1.0)
+    assert fail_trial(study, first._trial_id, "interrupted by SIGINT", requeue=True)
+    counts = study_counts(study)
+    assert (counts.finished, counts.requeued, counts.waiting, counts.used) == (0, 1, 1, 0)
+    retry = claim_trial(study, 3)
+    assert retry.suggest_float("x", 0.0, 1.0) == x  # the same parameters again
+    assert retry.user_attrs["retry_of"] == first.number
+    study.tell(retry, 0.5)
+    for _ in range(2):
+        trial = claim_trial(study, 3)
+        trial.suggest_float("x", 0.0, 1.0)
+        study.tell(trial, state=TrialState.FAIL)  # a failure of the trial itself counts
+    assert claim_trial(study, 3) is None
+    counts = study_counts(study)
+    assert (counts.complete, counts.failed, counts.requeued, counts.finished) == (1, 2, 1, 3)
+    failed = study.get_trials(states=(TrialState.FAIL,))[0]
+    assert failed.user_attrs["fail_reason"] == "interrupted by SIGINT"
+
+
+def test_stale_trials_are_failed_and_requeued_by_the_next_claim(tmp_path):
+    url = f"sqlite:///{tmp_path / 'stale.db'}"
+    storage = open_storage(
+        url, stale_trial_callback=RequeueStaleTrial(), heartbeat_interval_s=1, grace_period_s=1
+    )
+    study = create_or_load_study(storage, "stale", SETTINGS, budget=2)
+    lost = claim_trial(study, 2)  # its worker "vanishes": no more heartbeats
+    lost.suggest_int("n", 0, 100)
+    time.sleep(2.5)
+    retry = claim_trial(study, 2)
+    assert retry.user_attrs["retry_of"] == lost.number
+    assert retry.params == study.get_trials()[lost.number].params
+    assert study.get_trials()[lost.number].state == TrialState.FAIL
+
+
+_CLAIMER = textwrap.dedent(
+    """
+    import random, sys, warnings
+    import optuna
+    from optuna.trial import TrialState
+    from hpo._study import claim_trial
+    from storage import open_storage
+    warnings.simplefilter("ignore")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    url, name, budget, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    rng = random.Random(seed)
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    n = 0
+    while (trial := claim_trial(study, budget)) is not None:
+        x = trial.suggest_float("x", -1, 1)
+        state = rng.choice([TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL])
+        if state == TrialState.PRUNED:
+            trial.report(x, 1)
+        study.tell(trial, x * x if state == TrialState.COMPLETE else None, state=state)
+        n += 1
+    print(n)
+    """
+)
+
+
+def test_four_processes_claiming_at_once_never_overshoot_the_budget(store_url):
+    storage = open_storage(store_url)
+    name = unique("race")
+    create_or_load_study(storage, name, SETTINGS, budget=30)
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLAIMER, store_url, name, "30", str(seed)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in range(4)
+    ]
+    outputs = [r.communicate(timeout=240) for r in racers]
+    assert [r.returncode for r in racers] == [0] * 4, [err for _, err in outputs]
+    per_process = [int(out) for out, _ in outputs]
+    assert sum(per_process) == 30
+    assert sum(n > 0 for n in per_process) >= 2  # they really raced
+    trials = optuna.load_study(study_name=name, storage=store_url).get_trials()
+    assert len(trials) == 30
+    counts = count_trials(trials)
+    assert (counts.finished, counts.running, counts.waiting) == (30, 0, 0)
