@@ -76,7 +76,8 @@ class ExperimentConfig:
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_frac: float = 0.05  # share of all steps spent in linear warm-up, then cosine to 0
     grad_clip: float = 1.0  # max global gradient norm
-    amp: bool = True  # bf16 autocast for the network on CUDA (the loss stays float32)
+    amp: bool = True  # autocast the network's trunk on CUDA (heads and loss stay float32)
+    amp_dtype: str = "float16"  # "float16" (with a gradient scaler) or "bfloat16"
 
     # --- evaluation (SYSTEM.md §5) ---
     music_grid_azimuth: int = 61  # MUSIC coarse grid, azimuth points
@@ -105,7 +106,10 @@ class ExperimentConfig:
         return 2.0 * math.pi / self.wavelength_m
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {"cov_head": ("manifold", "free")}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "cov_head": ("manifold", "free"),
+    "amp_dtype": ("float16", "bfloat16"),
+}
 _PROBABILITIES = ("beta", "dropout", "warmup_frac")
 _NON_NEGATIVE = (
     "lam_cov", "lam_k", "lam_aux", "lam_det", "lam_gap", "weight_decay", "diag_loading",

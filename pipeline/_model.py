@@ -208,22 +208,30 @@ class CovarianceNet(nn.Module):
         music, profile = self.subspace(fields)
         features = torch.cat([self.spectrum(measurements), music], dim=1)
         hidden = self.dropout(self.blocks(self.stem(features)))
-        maps = self.detect(F.gelu(hidden)).float()
-        objectness = maps[:, :n_range]  # (B, R, E, A)
-        offsets = torch.tanh(maps[:, n_range:]).reshape(-1, 3, n_range, n_el, n_az)
+        # The heads run in float32 even under autocast: the slots are a top-k of the map, and
+        # half-precision noise there would reorder near-tied peaks.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            hidden = F.gelu(hidden.float())
+            maps = self.detect(hidden)
+            objectness = maps[:, :n_range]  # (B, R, E, A)
+            offsets = torch.tanh(maps[:, n_range:]).reshape(-1, 3, n_range, n_el, n_az)
+            return self._heads(hidden, objectness, offsets, profile)
+
+    def _heads(self, hidden: torch.Tensor, objectness: torch.Tensor, offsets: torch.Tensor,
+               profile: torch.Tensor) -> ModelOutput:
+        config = self.config
         azimuth, elevation, range_m, weight, peaks = self._slots(objectness, offsets)
         pooled = self.pooled(torch.cat([hidden.mean(dim=(-2, -1)), hidden.amax(dim=(-2, -1)),
-                                        peaks.to(hidden.dtype), profile.to(hidden.dtype)],
-                                       dim=-1))
-        k_logits = self.k_head(pooled).float()
-        shrinkage = torch.sigmoid(self.shrink_head(pooled).float().squeeze(-1) - 2.0)
+                                        peaks, profile.float()], dim=-1))
+        k_logits = self.k_head(pooled)
+        shrinkage = torch.sigmoid(self.shrink_head(pooled).squeeze(-1) - 2.0)
 
         if self.factor_head is None:
             steering = steering_vectors(azimuth, elevation, range_m, self.elements,
                                         self.wavenumber)
             factor = (steering * weight.sqrt()[..., None]).transpose(-2, -1)  # (B, N, K_max)
         else:
-            raw = self.factor_head(pooled).float().reshape(
+            raw = self.factor_head(pooled).reshape(
                 -1, config.n_elements, config.factor_rank, 2)
             factor = torch.complex(raw[..., 0], raw[..., 1])
             shrinkage = None

@@ -2,7 +2,7 @@
 
 Per epoch: fresh (or fixed) training scenes generated on the device, AdamW with a warm-up + cosine
 schedule stepped every optimisation step, gradient clipping, bf16 autocast for the network on CUDA
-(the loss stays float32), then validation on the fixed validation scenes (loss, NMSE, K accuracy,
+(heads and loss stay float32), then validation on the fixed validation scenes (loss, NMSE, K accuracy,
 MUSIC localization on R_blend) and a checkpoint. The callback gets the epoch's metrics; whatever it
 raises propagates unchanged (that is how the HPO layer prunes).
 """
@@ -108,9 +108,20 @@ def make_optimizer(model: torch.nn.Module, config: ExperimentConfig
     return optimizer, scheduler
 
 
+_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# With float16 a gradient scaler skips steps whose scaled gradients overflow; that many skips in a
+# row mean the gradients are non-finite for another reason.
+_MAX_SKIPPED_STEPS = 20
+
+
 def _autocast(config: ExperimentConfig, device: torch.device) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[config.amp_dtype],
                           enabled=config.amp and device.type == "cuda")
+
+
+def _grad_scaler(config: ExperimentConfig, device: torch.device) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda"
+                                and config.amp_dtype == "float16")
 
 
 def _check_finite(values: dict[str, torch.Tensor], *, epoch: int, batch: int) -> None:
@@ -124,11 +135,13 @@ def _check_finite(values: dict[str, torch.Tensor], *, epoch: int, batch: int) ->
 
 
 def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LambdaLR, config: ExperimentConfig,
-                 deployment: Deployment, device: torch.device, epoch: int) -> dict[str, float]:
+                 scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler,
+                 config: ExperimentConfig, deployment: Deployment, device: torch.device,
+                 epoch: int) -> dict[str, float]:
     model.train()
     sums = torch.zeros(len(TERMS) + 1, device=device)
     n_batches = 0
+    skipped = 0
     for index, batch in enumerate(iterate_batches(config, deployment, "train", config.n_train,
                                                   config.batch_size, epoch=epoch)):
         with _autocast(config, device):
@@ -137,12 +150,21 @@ def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
         total = terms.total
         if config.fault_nonfinite_epoch == epoch:
             total = total * float("nan")  # injected fault, for tests of the HPO layer
+        _check_finite({**terms.as_dict(), "total": total}, epoch=epoch, batch=index)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        _check_finite({**terms.as_dict(), "total": total, "grad": grad_norm},
-                      epoch=epoch, batch=index)
-        optimizer.step()
+        if scaler.is_enabled():
+            # An overflow of the scaled float16 gradients is the scaler's to handle (it skips the
+            # step and lowers the scale); only a run of them is an error.
+            skipped = 0 if bool(torch.isfinite(grad_norm)) else skipped + 1
+            if skipped > _MAX_SKIPPED_STEPS:
+                _check_finite({"grad": grad_norm}, epoch=epoch, batch=index)
+        else:
+            _check_finite({"grad": grad_norm}, epoch=epoch, batch=index)
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         sums += torch.stack([total.detach(), *(t.detach() for t in terms.as_dict().values())])
         n_batches += 1
@@ -194,6 +216,7 @@ def _epoch_metrics(epoch: int, train_terms: dict[str, float], val: dict[str, flo
 def save_checkpoint(path: Path, *, config: ExperimentConfig, epoch: int, model: CovarianceNet,
                     optimizer: torch.optim.Optimizer | None = None,
                     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None,
+                    scaler: torch.amp.GradScaler | None = None,
                     history: list[EpochMetrics] | None = None) -> None:
     """A plain dict holding everything needed to resume at the end of `epoch`. Atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +227,7 @@ def save_checkpoint(path: Path, *, config: ExperimentConfig, epoch: int, model: 
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "history": [m.to_dict() for m in (history or [])],
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -251,6 +275,7 @@ def train(config: ExperimentConfig, *, device: torch.device,
     deployment = Deployment.build(config, device)
     model = build_model(config, deployment)
     optimizer, scheduler = make_optimizer(model, config)
+    scaler = _grad_scaler(config, device)
     history: list[EpochMetrics] = []
     checkpoint_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir is not None else None
 
@@ -262,6 +287,8 @@ def train(config: ExperimentConfig, *, device: torch.device,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history = [EpochMetrics(**m) for m in state["history"]]
         start_epoch = state["epoch"] + 1
     resumed_from = start_epoch - 1
@@ -269,14 +296,16 @@ def train(config: ExperimentConfig, *, device: torch.device,
     val = load_split(config, deployment, "val", config.n_val)
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
-        train_terms = _train_epoch(model, optimizer, scheduler, config, deployment, device, epoch)
+        train_terms = _train_epoch(model, optimizer, scheduler, scaler, config, deployment,
+                                   device, epoch)
         val_metrics = validate(model, val, config, deployment)
         metrics = _epoch_metrics(epoch, train_terms, val_metrics, scheduler.get_last_lr()[0],
                                  time.perf_counter() - started)
         history.append(metrics)
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, config=config, epoch=epoch, model=model,
-                            optimizer=optimizer, scheduler=scheduler, history=history)
+                            optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            history=history)
             if metrics is min(history, key=lambda m: m.composite):
                 save_checkpoint(checkpoint_path.with_name(BEST_NAME), config=config, epoch=epoch,
                                 model=model, history=history)

@@ -37,7 +37,7 @@ def test_small_model_overfits_one_batch():
         optimizer.zero_grad()
         terms.total.backward()
         optimizer.step()
-        losses.append(float(terms.total))
+        losses.append(float(terms.total.detach()))
     assert all(math.isfinite(v) for v in losses)
     assert min(losses[-10:]) < losses[0] / 10, (losses[0], losses[-10:])
 
@@ -72,19 +72,30 @@ def test_train_steps_the_schedule_every_step_not_every_epoch():
     assert lr_after_first != pytest.approx(config.lr * lr_factor(config, 1, 2 * per_epoch))
 
 
-def test_bf16_autocast_and_full_precision_give_the_same_loss():
+@pytest.mark.parametrize("trained_steps", [0, 30])
+def test_mixed_and_full_precision_give_the_same_loss(trained_steps):
+    # The config's autocast dtype (float16 by default) on the CPU, at initialisation and after some
+    # training; the loss itself is float32 / complex64 under autocast.
     config = dataclasses.replace(preset("smoke"), n_ris_rows=12, n_ris_cols=12)
     torch.manual_seed(0)
     deployment = Deployment.build(config)
     batch = generate_scenes(config, deployment, 32, 9)
     model = build_model(config, deployment)
-    output = model(batch.measurements, batch.fields)
-    full, _ = compute_loss(output, batch, config)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed_output = model(batch.measurements, batch.fields)
-        mixed, _ = compute_loss(mixed_output, batch, config)
-        # The loss arithmetic ignores autocast: the same outputs give the same float32 loss.
-        same_outputs, mats = compute_loss(output, batch, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(trained_steps):
+        terms, _ = compute_loss(model(batch.measurements, batch.fields), batch, config)
+        optimizer.zero_grad()
+        terms.total.backward()
+        optimizer.step()
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[config.amp_dtype]
+    with torch.no_grad():
+        output = model(batch.measurements, batch.fields)
+        full, _ = compute_loss(output, batch, config)
+        with torch.autocast("cpu", dtype=dtype):
+            mixed_output = model(batch.measurements, batch.fields)
+            mixed, _ = compute_loss(mixed_output, batch, config)
+            # The loss arithmetic ignores autocast: the same outputs give the same float32 loss.
+            same_outputs, mats = compute_loss(output, batch, config)
     assert mixed.total.dtype == torch.float32 and mats.blend.dtype == torch.complex64
     assert float(same_outputs.total) == pytest.approx(float(full.total), rel=1e-6)
     assert float(mixed.total) == pytest.approx(float(full.total), rel=1e-3)
