@@ -169,7 +169,7 @@ PRESETS: dict[str, ExperimentConfig] = {
     ),
     # A CPU demo at the real array size (N=144, M=16, L=16, K<=5) within the resolvable range.
     "quick": ExperimentConfig(
-        range_max_m=4.0, n_train=2_000, n_val=300, epochs=8, n_val_localize=300,
+        range_max_m=4.0, n_train=3_000, n_val=300, epochs=10, n_val_localize=300,
     ),
     # The system at its real size (SYSTEM.md §6 defaults).
     "full": ExperimentConfig(),
