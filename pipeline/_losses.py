@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from pipeline import _covariance as cov
 from pipeline._config import ExperimentConfig

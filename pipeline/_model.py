@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from pipeline._config import ExperimentConfig
 from pipeline._covariance import sample_covariance
@@ -203,7 +203,6 @@ class CovarianceNet(nn.Module):
 
     def forward(self, measurements: torch.Tensor, fields: torch.Tensor) -> ModelOutput:
         """measurements: (B, L, M) complex64; fields: (B, L, N) complex64 (from SceneBatch)."""
-        config = self.config
         n_range, n_el, n_az = self.grid.shape
         music, profile = self.subspace(fields)
         features = torch.cat([self.spectrum(measurements), music], dim=1)

@@ -14,8 +14,8 @@ import pytest
 def hpo(*args: str, cwd=None, env_extra: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "hpo.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "hpo.cli", *args], check=False,
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
 def test_diagnose_full_system_reports_the_fixed_scales():
