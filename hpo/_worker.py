@@ -1,0 +1,302 @@
+"""One worker process of `hpo run`: `python -m hpo._worker SPEC_JSON`.
+
+The launcher starts it as a fresh interpreter (never a fork) with the store URL in $HPO_STORAGE
+(never on the command line, where `ps` would show a password), its GPU in CUDA_VISIBLE_DEVICES
+and its thread count in OMP_NUM_THREADS. It opens its own store connection and loops: claim a
+trial within the budget, train it, record the outcome, until the budget is used up.
+
+Signals: SIGINT/SIGTERM during training end the trial at once (FAIL, re-queued with the same
+parameters), outside training they stop the loop after the current store write. A worker whose
+launcher disappears stops the same way, so no worker outlives its `hpo run`.
+
+Exit codes: 0 budget used up, 75 recycled after `max_trials` trials (the launcher starts a fresh
+process: memory does not creep across hundreds of trials), 130 interrupted, 1 unexpected error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+EXIT_DONE = 0
+EXIT_ERROR = 1
+EXIT_RECYCLE = 75
+EXIT_INTERRUPTED = 130
+MAX_CONSECUTIVE_ERRORS = 5  # unexpected (non-numerical) trial errors in a row before giving up
+
+_logger = logging.getLogger("hpo.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs besides the store URL; travels as one JSON argument."""
+
+    study: str
+    budget: int  # the study's total of finished trials
+    preset: str
+    epochs: int
+    objective: str
+    pruner: str
+    sampler: str
+    sampler_seed: int | None
+    space: dict[str, Any]  # SearchSpace.to_dict()
+    device: str  # "cpu" or "cuda" (the one GPU in CUDA_VISIBLE_DEVICES)
+    threads: int  # torch intra-op threads
+    index: int  # worker slot, for logs
+    parent_pid: int  # the launcher; the worker stops when it is gone
+    max_trials: int = 20  # trials before the process is recycled
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+
+class WorkerInterrupted(BaseException):
+    """Raised into the training code by a signal; BaseException so no `except Exception` eats it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Signals:
+    """First SIGINT/SIGTERM wins. While `armed` (training) it interrupts at once; otherwise it
+    only sets `received`, which the loop checks at safe points (no half-written store rows)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._armed = False
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        if self._armed:
+            self._armed = False
+            raise WorkerInterrupted(signum)
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        if self.received is not None:
+            raise WorkerInterrupted(self.received)
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Inside `armed`: hold signals off while the store is written, then deliver them."""
+        was_armed, self._armed = self._armed, False
+        try:
+            yield
+        finally:
+            self._armed = was_armed
+        if was_armed and self.received is not None:
+            raise WorkerInterrupted(self.received)
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat every `interval_s` from a daemon thread."""
+
+    def __init__(self, storage: Any, trial_id: int, interval_s: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(storage, trial_id, interval_s), daemon=True
+        )
+        self._thread.start()
+
+    def _beat(self, storage: Any, trial_id: int, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as e:  # noqa: BLE001  (a missed beat is harmless; grace is long)
+                _logger.warning("heartbeat of trial id %d failed: %s", trial_id, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Stop this worker (as if by SIGTERM) when the launcher that started it is gone."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        _logger.warning("launcher %d is gone; stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    spec = WorkerSpec.from_json(args[0])
+    signals = _Signals()
+    signals.install()
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s worker {spec.index} pid {os.getpid()} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    _watch_parent(spec.parent_pid)
+    try:
+        return _Worker(spec, signals).loop()
+    except WorkerInterrupted:
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001  (logged with its traceback; the exit code tells the launcher)
+        from storage import redact
+
+        _logger.error("worker failed:\n%s", redact(traceback.format_exc()))
+        return EXIT_ERROR
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, signals: _Signals) -> None:
+        # Heavy imports here, after the signal handlers are in place.
+        import optuna
+        import torch
+
+        from hpo._search_space import SearchSpace
+        from hpo._study import RequeueStaleTrial, make_pruner, make_sampler
+        from pipeline import preset, replace, resolve_device
+        from storage import HEARTBEAT_INTERVAL_S, open_storage, resolve_url
+
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.signals = signals
+        self.location = resolve_url(None)  # $HPO_STORAGE, set by the launcher
+        self.storage = open_storage(self.location, stale_trial_callback=RequeueStaleTrial())
+        self.heartbeat_s = HEARTBEAT_INTERVAL_S
+        self.study = optuna.load_study(
+            study_name=spec.study,
+            storage=self.storage,
+            sampler=make_sampler(spec.sampler, spec.sampler_seed),
+            pruner=make_pruner(spec.pruner, spec.epochs),
+        )
+        self.base = replace(preset(spec.preset), epochs=spec.epochs)
+        self.space = SearchSpace.from_dict(spec.space)
+        self.device = resolve_device(spec.device)
+        self.device_info: dict[str, Any] = {"device": str(self.device), "threads": spec.threads}
+        if self.device.type == "cuda":
+            self.device_info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+            self.device_info["gpu_name"] = torch.cuda.get_device_name(self.device)
+
+    def loop(self) -> int:
+        from hpo._study import claim_trial
+
+        n_trials = 0
+        n_errors = 0
+        while True:
+            if self.signals.received is not None:
+                return EXIT_INTERRUPTED
+            if n_trials >= self.spec.max_trials:
+                _logger.info("recycling after %d trials", n_trials)
+                return EXIT_RECYCLE
+            trial = claim_trial(self.study, self.spec.budget)
+            if trial is None:
+                _logger.info("budget of %d trials used up; exiting", self.spec.budget)
+                return EXIT_DONE
+            n_trials += 1
+            unexpected = self._run(trial)
+            n_errors = n_errors + 1 if unexpected else 0
+            if n_errors >= MAX_CONSECUTIVE_ERRORS:
+                _logger.error("%d unexpected trial errors in a row; giving up", n_errors)
+                return EXIT_ERROR
+
+    def _run(self, trial: Any) -> bool:
+        """Run one claimed trial to its recorded end. True if it failed unexpectedly."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        from hpo._objective import run_trial
+        from hpo._search_space import suggest_config
+        from hpo._study import ATTR_FAIL_REASON, fail_trial
+        from pipeline import config_to_dict
+
+        started = time.time()
+        heartbeat = _Heartbeat(self.storage, trial._trial_id, self.heartbeat_s)
+        try:
+            config = suggest_config(trial, self.space, self.base)
+            trial.set_user_attr("config", config_to_dict(config))
+            trial.set_user_attr("seed", config.seed)
+            trial.set_user_attr("worker_index", self.spec.index)
+            trial.set_user_attr("started_unix", started)
+            for key, value in self.device_info.items():
+                trial.set_user_attr(key, value)
+            _logger.info("trial %d: %s", trial.number, trial.params)
+            with self.signals.armed():
+                run = run_trial(
+                    trial,
+                    config,
+                    device=self.device,
+                    objective=self.spec.objective,
+                    guard=self.signals.held,
+                )
+        except WorkerInterrupted as e:
+            heartbeat.stop()
+            reason = f"interrupted by {e} (worker pid {os.getpid()}); re-queued"
+            fail_trial(self.study, trial._trial_id, reason, requeue=True)
+            _logger.info("trial %d: %s", trial.number, reason)
+            raise
+        except Exception as e:  # noqa: BLE001  (recorded as the trial's failure reason)
+            heartbeat.stop()
+            _logger.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
+            first = (str(e).strip().splitlines() or [""])[0]
+            trial.set_user_attr(ATTR_FAIL_REASON, f"{type(e).__name__}: {first}")
+            trial.set_user_attr("wall_time_s", time.time() - started)
+            self.study.tell(trial, state=TrialState.FAIL)
+            return True
+        heartbeat.stop()
+        trial.set_user_attr("wall_time_s", time.time() - started)
+        trial.set_user_attr("train_time_s", run.train_seconds)
+        if run.history:
+            trial.set_user_attr("metrics", run.history[-1])
+        try:
+            if run.state == TrialState.COMPLETE:
+                self.study.tell(trial, run.value)
+            elif run.state == TrialState.PRUNED:
+                trial.set_user_attr("pruned_reason", run.reason)
+                self.study.tell(trial, state=TrialState.PRUNED)
+            else:
+                trial.set_user_attr(ATTR_FAIL_REASON, run.reason)
+                self.study.tell(trial, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            # Another process declared it stale (no heartbeat for the grace period) and failed
+            # it; its retry is queued. Nothing to record here.
+            _logger.warning("trial %d was already finished by another process", trial.number)
+            return False
+        _logger.info(
+            "trial %d: %s%s in %.1f s",
+            trial.number,
+            run.state.name,
+            f" value {run.value:.5g}" if run.value is not None else f" ({run.reason})",
+            time.time() - started,
+        )
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
