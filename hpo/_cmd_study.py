@@ -1,0 +1,356 @@
+"""`hpo run`, `hpo status`, `hpo best`: the study commands.
+
+Everything a command can be wrong about is checked before anything is written, in this order:
+numbers and names, the preset, the space file, the worker layout, the store URL, the store, the
+study's settings. Each failure is one line on stderr and exit code 2; no half-made study is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hpo._app import app
+from hpo._common import fail
+
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Store URL, e.g. postgresql+psycopg2://user:pass@host:5432/db "
+        "[default: $HPO_STORAGE, else sqlite:///hpo.db in the working directory].",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+
+EXIT_USAGE = 2
+EXIT_INCOMPLETE = 1
+EXIT_INTERRUPTED = 130
+
+
+def _choice(option: str, value: str, choices: Any) -> str:
+    if value not in choices:
+        fail(f"{option} must be one of {', '.join(choices)}, but got {value!r}", EXIT_USAGE)
+    return value
+
+
+@app.command()
+def run(
+    trials: Annotated[
+        int,
+        typer.Option(
+            "--trials",
+            help="The study's total of finished (complete, pruned, failed) trials to reach; "
+            "a study that already has some gets only the rest.",
+        ),
+    ],
+    storage: StorageOption = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study name [default: ris-<preset>].")
+    ] = None,
+    preset: Annotated[
+        str, typer.Option("--preset", "-p", help="Base config: smoke, quick or full.")
+    ] = "quick",
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Epochs per trial [default: the preset's].")
+    ] = None,
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="composite (localization score, SYSTEM.md §5) or nmse (validation NMSE); "
+            "both minimised.",
+        ),
+    ] = "composite",
+    pruner: Annotated[
+        str, typer.Option("--pruner", help="hyperband (over the epochs), median or none.")
+    ] = "hyperband",
+    sampler: Annotated[str, typer.Option("--sampler", help="tpe or random.")] = "tpe",
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seeds the sampler of every worker.")
+    ] = None,
+    space: Annotated[
+        Path | None,
+        typer.Option(
+            "--space", help="TOML file overriding ranges or fixing values.", dir_okay=False
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Worker processes [default: one per GPU, or 1 on CPU]."),
+    ] = None,
+    gpus: Annotated[
+        str | None, typer.Option("--gpus", help="GPUs to use, e.g. 0,1,3 [default: all].")
+    ] = None,
+    workers_per_gpu: Annotated[
+        int | None, typer.Option("--workers-per-gpu", help="Workers sharing each GPU.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No live progress line (for logs).")
+    ] = False,
+) -> None:
+    """Run trials until the study holds --trials finished ones."""
+    import optuna
+
+    from hpo._launch import Launcher, LaunchError, plan_slots
+    from hpo._search_space import SpaceError, load_space
+    from hpo._study import (
+        OBJECTIVES,
+        PRUNERS,
+        SAMPLERS,
+        StudyError,
+        StudySettings,
+        count_trials,
+        create_or_load_study,
+    )
+    from hpo._worker import WorkerSpec
+    from pipeline import ConfigError, replace
+    from pipeline import preset as preset_config
+    from storage import StorageError, open_storage, resolve_url
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if trials < 1:
+        fail(f"--trials must be >= 1, but got {trials}", EXIT_USAGE)
+    if epochs is not None and epochs < 1:
+        fail(f"--epochs must be >= 1, but got {epochs}", EXIT_USAGE)
+    _choice("--objective", objective, OBJECTIVES)
+    _choice("--pruner", pruner, PRUNERS)
+    _choice("--sampler", sampler, SAMPLERS)
+    try:
+        base = preset_config(preset)
+        if epochs is not None:
+            base = replace(base, epochs=epochs)
+        search_space = load_space(space, base)
+        slots = plan_slots(
+            device=device,
+            workers=workers,
+            gpus=gpus,
+            workers_per_gpu=workers_per_gpu,
+            n_gpus=_visible_gpu_count(device),
+            visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            n_cpus=len(os.sched_getaffinity(0)),
+        )
+        location = resolve_url(storage)
+        settings = StudySettings(
+            preset=preset,
+            objective=objective,
+            direction=OBJECTIVES[objective],
+            epochs=base.epochs,
+        )
+        name = study or f"ris-{preset}"
+        store = open_storage(location)
+        the_study = create_or_load_study(
+            store, name, settings, budget=trials, space=search_space.to_dict()
+        )
+    except (ConfigError, SpaceError, LaunchError, StorageError, StudyError) as error:
+        fail(str(error), EXIT_USAGE)
+
+    before = count_trials(the_study.get_trials(deepcopy=False))
+    log_dir = Path("runs") / f"hpo-{name}"
+    if not quiet:
+        kind = slots[0].device
+        where = (
+            f"{len(slots)} CPU worker(s), {slots[0].threads} thread(s) each"
+            if kind == "cpu"
+            else f"{len(slots)} GPU worker(s) on CUDA_VISIBLE_DEVICES "
+            + ",".join(s.cuda_visible_devices for s in slots)
+        )
+        typer.echo(
+            f"study {name!r} in {location.describe()}: {before.finished}/{trials} finished; "
+            f"{where}; worker logs in {log_dir}/",
+            err=True,
+        )
+    spec = WorkerSpec(
+        study=name,
+        budget=trials,
+        preset=preset,
+        epochs=base.epochs,
+        objective=objective,
+        pruner=pruner,
+        sampler=sampler,
+        sampler_seed=seed,
+        space=search_space.to_dict(),
+        device="cpu",
+        threads=1,
+        index=0,
+        parent_pid=os.getpid(),
+    )
+    launcher = Launcher(
+        location=location,
+        study=the_study,
+        spec=spec,
+        slots=slots,
+        seed=seed,
+        log_dir=log_dir,
+        quiet=quiet,
+        direction=settings.direction,
+    )
+    result = launcher.run()
+    counts = result.counts
+    best = f"; best {result.best.value:.5g} (trial {result.best.number})" if result.best else ""
+    typer.echo(
+        f"study {name!r}: {counts.finished}/{trials} finished ({counts.complete} complete, "
+        f"{counts.pruned} pruned, {counts.failed} failed) in {result.elapsed_s:.1f} s{best}"
+    )
+    if result.interrupted:
+        typer.echo(
+            f"interrupted: {counts.requeued} trial(s) re-queued; run the same command again "
+            "to finish the budget",
+            err=True,
+        )
+        raise typer.Exit(code=EXIT_INTERRUPTED)
+    if result.gave_up:
+        typer.echo(f"error: stopped early: {result.gave_up}", err=True)
+        raise typer.Exit(code=EXIT_INCOMPLETE)
+    if counts.finished < trials:
+        typer.echo(
+            f"note: {counts.running} trial(s) are still running in other processes", err=True
+        )
+
+
+def _visible_gpu_count(device: str) -> int:
+    if device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _open_study(storage: str | None, study: str | None) -> tuple[Any, Any]:
+    from hpo._study import StudyError, load_existing_study
+    from storage import StorageError, open_storage, resolve_url
+
+    try:
+        location = resolve_url(storage)
+        store = open_storage(location, create=False, heartbeat=False)
+        return location, load_existing_study(store, study)
+    except (StorageError, StudyError) as error:
+        fail(str(error), EXIT_USAGE)
+
+
+def _trial_summary(trial: Any) -> dict[str, Any]:
+    return {"value": trial.value, "number": trial.number, "params": trial.params}
+
+
+@app.command()
+def status(
+    storage: StorageOption = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study name [default: the store's only one].")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the study's trial counts against its budget, and its best trial."""
+    from optuna.trial import TrialState
+
+    from hpo._study import ATTR_BUDGET, ATTR_FAIL_REASON, best_trial, count_trials, study_settings
+
+    location, the_study = _open_study(storage, study)
+    trials = the_study.get_trials(deepcopy=False)
+    counts = count_trials(trials)
+    settings = study_settings(the_study)
+    direction = settings.direction if settings else "minimize"
+    best = best_trial(trials, direction)
+    budget = the_study.user_attrs.get(ATTR_BUDGET)
+    failures = [
+        {"number": t.number, "reason": t.user_attrs.get(ATTR_FAIL_REASON, "no heartbeat (stale)")}
+        for t in trials
+        if t.state == TrialState.FAIL
+    ]
+    if as_json:
+        payload = {
+            "study": the_study.study_name,
+            "storage": location.redacted_url,
+            "settings": settings.to_attrs() if settings else None,
+            "budget": budget,
+            "counts": {
+                "finished": counts.finished,
+                "complete": counts.complete,
+                "pruned": counts.pruned,
+                "failed": counts.failed,
+                "requeued": counts.requeued,
+                "running": counts.running,
+                "waiting": counts.waiting,
+            },
+            "best": _trial_summary(best) if best else None,
+            "failures": failures,
+        }
+        typer.echo(json.dumps(payload))
+        return
+    typer.echo(f"study {the_study.study_name!r} in {location.describe()}")
+    if settings:
+        typer.echo(
+            f"  preset {settings.preset}, objective {settings.objective} ({settings.direction}), "
+            f"{settings.epochs} epochs per trial"
+        )
+    of_budget = f"/{budget}" if budget else ""
+    typer.echo(
+        f"  {counts.finished}{of_budget} finished: {counts.complete} complete, {counts.pruned} "
+        f"pruned, {counts.failed} failed; {counts.running} running, {counts.waiting} waiting, "
+        f"{counts.requeued} re-queued"
+    )
+    if best:
+        typer.echo(f"  best: trial {best.number}, value {best.value:.6g}")
+        typer.echo(f"  params: {_format_params(best.params)}")
+    else:
+        typer.echo("  best: no complete trial yet")
+    for failure in failures[-5:]:
+        typer.echo(f"  failed trial {failure['number']}: {failure['reason']}")
+
+
+@app.command()
+def best(
+    storage: StorageOption = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study name [default: the store's only one].")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the best trial: value, number, params, final metrics and full config."""
+    from hpo._study import best_trial, study_settings
+
+    _, the_study = _open_study(storage, study)
+    trials = the_study.get_trials(deepcopy=False)
+    settings = study_settings(the_study)
+    trial = best_trial(trials, settings.direction if settings else "minimize")
+    if trial is None:
+        fail(f"study {the_study.study_name!r} has no complete trial yet", EXIT_INCOMPLETE)
+    payload = {
+        **_trial_summary(trial),
+        "objective": settings.objective if settings else None,
+        "metrics": trial.user_attrs.get("metrics"),
+        "intermediate_values": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
+        "config": trial.user_attrs.get("config"),
+        "study": the_study.study_name,
+    }
+    if as_json:
+        typer.echo(json.dumps(payload))
+        return
+    objective = payload["objective"] or "value"
+    typer.echo(
+        f"best trial {trial.number} of study {the_study.study_name!r}: "
+        f"{objective} {trial.value:.6g}"
+    )
+    typer.echo(f"params: {_format_params(trial.params)}")
+    metrics = payload["metrics"] or {}
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if shown:
+        typer.echo("metrics: " + ", ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
+    if payload["config"]:
+        typer.echo("config: " + json.dumps(payload["config"], sort_keys=True))
+    sys.stdout.flush()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.5g}" if isinstance(value, float) else str(value)
+
+
+def _format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={_fmt(value)}" for name, value in params.items()) or "(none)"
