@@ -14,7 +14,7 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def store_url(request, tmp_path) -> str:
     """The embedded store (a file in tmp_path) and the real PostgreSQL server, in turn."""
     if request.param == "sqlite":

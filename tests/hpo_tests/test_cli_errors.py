@@ -1,0 +1,141 @@
+"""Bad input to `hpo run` / `status` / `best`: one line on stderr, a non-zero exit, no traceback,
+and no study (nor store file) left behind."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from hpo._study import StudySettings, create_or_load_study
+from hpo.cli import app
+from storage import open_storage
+from tests.storage_tests._servers import postgres_url_with
+
+SECRET = "hunter2-secret"
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, list(args), env={"HPO_STORAGE": "", **(env or {})})
+
+
+def assert_one_line_error(result, fragment: str, code: int = 2) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert SECRET not in result.output
+    assert result.stdout == ""
+    return lines[0]
+
+
+@pytest.fixture
+def sqlite_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default store and runs/ land here, if anywhere
+    return tmp_path / "hpo.db"
+
+
+SMOKE_RUN = ("run", "--trials", "3", "--preset", "smoke", "--quiet")
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (("--trials", "0"), "--trials must be >= 1, but got 0"),
+        (("--epochs", "0"), "--epochs must be >= 1"),
+        (("--pruner", "asha"), "--pruner must be one of hyperband, median, none"),
+        (("--sampler", "grid"), "--sampler must be one of tpe, random"),
+        (("--objective", "loss"), "--objective must be one of composite, nmse"),
+        (("--preset", "huge"), "unknown preset 'huge'"),
+        (("--gpus", "99"), "--gpus"),
+        (("--workers", "0"), "--workers must be >= 1"),
+        (("--device", "tpu"), "--device must be auto, cpu or cuda"),
+        (("--storage", f"postgresql//u:{SECRET}@h/db"), "is not a URL"),
+        (("--storage", f"mysql://u:{SECRET}@h/db"), "'mysql' is not supported"),
+        (("--storage", "sqlite:///no/such/dir/hpo.db"), "directory"),
+        (("--space", "absent.toml"), "space file absent.toml does not exist"),
+    ],
+)
+def test_bad_run_arguments(sqlite_file, extra, fragment):
+    result = invoke(*SMOKE_RUN, *extra)
+    assert_one_line_error(result, fragment)
+    assert not sqlite_file.exists()  # nothing was created
+    assert not (sqlite_file.parent / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("lr = { low = 1e-3, high = ", "is not valid TOML"),
+        ("learning_rate = { low = 1e-4, high = 1e-2 }", "unknown parameter 'learning_rate'"),
+        ("dropout = { low = 0.0, high = 2.0 }", "dropout=2.0 is not a valid config"),
+    ],
+)
+def test_bad_space_files(sqlite_file, text, fragment):
+    (sqlite_file.parent / "space.toml").write_text(text)
+    result = invoke(*SMOKE_RUN, "--space", "space.toml")
+    assert_one_line_error(result, fragment)
+    assert not sqlite_file.exists()
+
+
+def test_environment_url_is_used_and_checked(sqlite_file):
+    result = invoke(*SMOKE_RUN, env={"HPO_STORAGE": f"postgres://u:{SECRET}@h/db"})
+    assert_one_line_error(result, "use postgresql+psycopg2://")
+
+
+def test_unreachable_postgres_names_host_port_and_database(sqlite_file):
+    url = postgres_url_with(port=1, password=SECRET, database="studies")
+    result = invoke(*SMOKE_RUN, "--storage", url)
+    line = assert_one_line_error(result, "127.0.0.1:1")
+    assert "'studies'" in line and "unreachable after 3 attempts" in line
+
+
+def test_missing_postgres_database(sqlite_file):
+    url = postgres_url_with(database="hpo_absent_db", password=SECRET)
+    assert_one_line_error(invoke(*SMOKE_RUN, "--storage", url), "database does not exist")
+
+
+def test_unknown_postgres_role(sqlite_file):
+    url = postgres_url_with(username="hpo_absent_role", password=SECRET)
+    assert_one_line_error(invoke(*SMOKE_RUN, "--storage", url), "authentication refused")
+
+
+def test_wrong_postgres_password(sqlite_file, password_refusing_server):
+    url = f"postgresql+psycopg2://alice:{SECRET}@127.0.0.1:{password_refusing_server.port}/db"
+    line = assert_one_line_error(invoke(*SMOKE_RUN, "--storage", url), "authentication refused")
+    assert "password authentication failed" in line
+
+
+def test_resuming_with_another_objective_changes_nothing(store_url, sqlite_file):
+    storage = open_storage(store_url)
+    settings = StudySettings(preset="smoke", objective="composite", direction="minimize", epochs=2)
+    name = f"resume-{sqlite_file.parent.name}"
+    create_or_load_study(storage, name, settings, budget=3)
+    before = [s.study_name for s in optuna.get_all_study_summaries(store_url)]
+    result = invoke(*SMOKE_RUN, "--storage", store_url, "--study", name, "--objective", "nmse")
+    assert_one_line_error(result, f"study '{name}' was created with objective composite, not nmse")
+    for extra, fragment in ((("--epochs", "3"), "epochs 2, not 3"),):
+        result = invoke(*SMOKE_RUN, "--storage", store_url, "--study", name, *extra)
+        assert_one_line_error(result, fragment)
+    assert [s.study_name for s in optuna.get_all_study_summaries(store_url)] == before
+    study = optuna.load_study(study_name=name, storage=store_url)
+    assert study.trials == [] and study.user_attrs["hpo_budget"] == 3
+
+
+def test_status_and_best_on_a_store_that_does_not_exist(sqlite_file):
+    assert_one_line_error(invoke("status"), "no study store at SQLite file")
+    assert_one_line_error(invoke("best", "--json"), "no study store at SQLite file")
+    assert not sqlite_file.exists()
+
+
+def test_status_names_the_studies_when_asked_for_another(sqlite_file):
+    storage = open_storage(f"sqlite:///{sqlite_file}")
+    settings = StudySettings(preset="smoke", objective="nmse", direction="minimize", epochs=2)
+    create_or_load_study(storage, "only", settings, budget=3)
+    assert_one_line_error(
+        invoke("status", "--study", "other"), "no study named 'other'; studies: only"
+    )
+    assert_one_line_error(invoke("best"), "study 'only' has no complete trial yet", code=1)
+    assert invoke("status").exit_code == 0

@@ -1,0 +1,93 @@
+"""The worker layout and the progress line (pure functions; the processes are in test_run.py)."""
+
+from __future__ import annotations
+
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from hpo._launch import LaunchError, WorkerSlot, format_progress, plan_slots
+from hpo._study import StudyCounts
+
+
+def plan(**kwargs):
+    args = {
+        "device": "auto",
+        "workers": None,
+        "gpus": None,
+        "workers_per_gpu": None,
+        "n_gpus": 0,
+        "visible": None,
+        "n_cpus": 2,
+    }
+    return plan_slots(**{**args, **kwargs})
+
+
+def test_cpu_default_is_one_worker_with_all_cores():
+    assert plan() == [WorkerSlot(0, "cpu", "", 2)]
+
+
+def test_cpu_workers_share_the_cores_without_oversubscribing():
+    assert [s.threads for s in plan(workers=2)] == [1, 1]
+    assert [s.threads for s in plan(workers=2, n_cpus=16)] == [8, 8]
+    assert [s.threads for s in plan(workers=4)] == [1, 1, 1, 1]
+
+
+def test_one_worker_per_visible_gpu_by_default():
+    slots = plan(n_gpus=3, n_cpus=12)
+    assert [(s.device, s.cuda_visible_devices, s.threads) for s in slots] == [
+        ("cuda", "0", 4),
+        ("cuda", "1", 4),
+        ("cuda", "2", 4),
+    ]
+
+
+def test_gpus_workers_per_gpu_and_round_robin():
+    assert [s.cuda_visible_devices for s in plan(n_gpus=4, gpus="0,1,3")] == ["0", "1", "3"]
+    assert [s.cuda_visible_devices for s in plan(n_gpus=2, workers_per_gpu=2)] == [
+        "0", "1", "0", "1",
+    ]  # fmt: skip
+    assert [s.cuda_visible_devices for s in plan(n_gpus=2, workers=3)] == ["0", "1", "0"]
+
+
+def test_the_parents_cuda_visible_devices_is_respected():
+    # With CUDA_VISIBLE_DEVICES=5,7 the process sees two GPUs, numbered 0 and 1.
+    slots = plan(n_gpus=2, visible="5,7", gpus="1")
+    assert [s.cuda_visible_devices for s in slots] == ["7"]
+
+
+def test_cpu_workers_see_no_gpu():
+    assert plan(device="cpu", n_gpus=2, workers=2)[0].cuda_visible_devices == ""
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"gpus": "0"}, "--gpus 0: this machine has no visible CUDA GPU"),
+        ({"gpus": "0,2", "n_gpus": 2}, "--gpus names GPU 2, but only GPU 0-1 are visible"),
+        ({"gpus": "1", "n_gpus": 1}, "--gpus names GPU 1, but only GPU 0 is visible"),
+        ({"gpus": "a,b", "n_gpus": 2}, "takes GPU numbers"),
+        ({"gpus": "0,0", "n_gpus": 2}, "names a GPU twice"),
+        ({"gpus": "0", "n_gpus": 1, "device": "cpu"}, "cannot be combined with --device cpu"),
+        ({"device": "cuda"}, "CUDA is not available"),
+        ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
+        ({"workers": 0}, "--workers must be >= 1"),
+        ({"workers_per_gpu": 2}, "--workers-per-gpu needs GPUs"),
+        ({"workers": 3, "workers_per_gpu": 2, "n_gpus": 2}, "disagrees"),
+    ],
+)
+def test_impossible_layouts_are_one_line_errors(kwargs, expected):
+    with pytest.raises(LaunchError) as info:
+        plan(**kwargs)
+    assert expected in str(info.value)
+
+
+def test_progress_line_has_counts_best_rate_and_eta():
+    counts = StudyCounts(complete=5, pruned=3, failed=2, requeued=1, running=2, waiting=1)
+    best = create_trial(state=TrialState.COMPLETE, value=0.8123)
+    best.number = 7
+    line = format_progress(counts, 200, best=best, elapsed_s=600.0, finished_before=0)
+    assert line.startswith("10/200 finished (5 complete, 3 pruned, 2 failed), 2 running")
+    assert "best 0.8123 (trial 7)" in line
+    assert "60 trials/h" in line and "ETA 3h10m" in line
+    quiet_start = format_progress(counts, 12, best=None, elapsed_s=1.0, finished_before=10)
+    assert "best -" in quiet_start and "-- trials/h" in quiet_start

@@ -1,0 +1,228 @@
+"""`hpo run` end to end: real worker processes, the real stores, read back from this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo._study import count_trials
+from tests.storage_tests._servers import DUMMY_PASSWORD
+
+pytestmark = pytest.mark.slow
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hpo.cli", *args]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
+
+
+def hpo(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(*args),
+        cwd=cwd,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials()
+
+
+def all_output(result: subprocess.CompletedProcess[str] | tuple[str, str], cwd: Path) -> str:
+    texts = list(result) if isinstance(result, tuple) else [result.stdout, result.stderr]
+    texts += [p.read_text() for p in (cwd / "runs").rglob("*.log")]
+    return "\n".join(texts)
+
+
+def test_budget_pruning_failures_and_resume(store_url, tmp_path):
+    name = f"e2e-{secrets.token_hex(3)}"
+    space = tmp_path / "space.toml"
+    # Half the trials get a NaN loss in their first epoch (the pipeline's fault injection).
+    space.write_text("fault_nonfinite_epoch = { choices = [0, 1] }\n")
+    common = ("--preset", "smoke", "--storage", store_url, "--study", name, "--quiet")
+    first = hpo(
+        "run", "--trials", "12", "--workers", "2", "--sampler", "random", "--seed", "3",
+        "--pruner", "hyperband", "--space", str(space), *common, cwd=tmp_path,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert "12/12 finished" in first.stdout
+
+    trials = trials_of(store_url, name)
+    assert len(trials) == 12
+    assert all(t.state in FINISHED for t in trials)
+    states = [t.state for t in trials]
+    assert TrialState.COMPLETE in states and TrialState.PRUNED in states
+    assert TrialState.FAIL in states
+    assert len({t.user_attrs["worker_pid"] for t in trials}) >= 2
+    for trial in trials:
+        attrs = trial.user_attrs
+        assert attrs["config"]["epochs"] == 2 and attrs["device"] == "cpu"
+        assert attrs["seed"] == attrs["config"]["seed"]
+        assert attrs["host"] and attrs["wall_time_s"] > 0
+        steps = sorted(trial.intermediate_values)
+        if trial.state == TrialState.FAIL:
+            assert trial.params["fault_nonfinite_epoch"] == 1
+            assert attrs["fail_reason"].startswith("NumericalError: ")
+            assert steps == []
+            continue
+        assert steps == list(range(1, len(steps) + 1))  # one report per epoch it ran
+        assert [h["epoch"] for h in attrs["history"]] == steps
+        if trial.state == TrialState.COMPLETE:
+            assert steps == [1, 2]
+            # The value is the objective (composite) of the last epoch: no loss weight in it.
+            assert trial.value == attrs["history"][-1]["composite"]
+            assert trial.value == trial.intermediate_values[2]
+        else:
+            assert 1 <= len(steps) < 2
+            assert "pruned at epoch" in attrs["pruned_reason"]
+
+    second = hpo("run", "--trials", "16", "--workers", "2", *common, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    again = trials_of(store_url, name)
+    assert len(again) == 16  # exactly 4 more
+    assert [t.state for t in again[:12]] == states
+    assert all(t.state in FINISHED for t in again)
+
+    status = hpo("status", "--storage", store_url, "--study", name, "--json", cwd=tmp_path)
+    counts = json.loads(status.stdout)["counts"]
+    assert counts["finished"] == 16 and counts["running"] == counts["waiting"] == 0
+    best = json.loads(
+        hpo("best", "--storage", store_url, "--study", name, "--json", cwd=tmp_path).stdout
+    )
+    assert {"value", "number", "params", "metrics", "config"} <= set(best)
+    expected = min((t for t in again if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert (best["number"], best["value"], best["params"]) == (
+        expected.number,
+        expected.value,
+        expected.params,
+    )
+    assert best["config"]["lr"] == best["params"]["lr"]
+    for result in (first, second, status):
+        assert DUMMY_PASSWORD not in all_output(result, tmp_path)
+
+
+def _wait_for_running(url: str, name: str, n: int, proc: subprocess.Popen[str]) -> list[int]:
+    """Worker pids of `n` RUNNING trials, once they are mid-training."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            running = [t for t in trials_of(url, name) if t.state == TrialState.RUNNING]
+        except KeyError:  # the study is not created yet
+            running = []
+        if len(running) >= n and all(t.user_attrs.get("history") for t in running):
+            return [t.user_attrs["worker_pid"] for t in running]
+        time.sleep(0.2)
+    raise AssertionError("no trials started")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_ctrl_c_stops_within_seconds_leaves_nothing_behind_and_rerun_finishes(store_url, tmp_path):
+    name = f"sigint-{secrets.token_hex(3)}"
+    common = ("--preset", "smoke", "--storage", store_url, "--study", name, "--quiet")
+    args = ("run", "--trials", "40", "--epochs", "4", "--pruner", "none", "--workers", "2")
+    proc = subprocess.Popen(
+        command(*args, *common),
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pids = _wait_for_running(store_url, name, 2, proc)
+        for pid in pids:  # the URL travels in the environment, never on a command line
+            assert DUMMY_PASSWORD not in Path(f"/proc/{pid}/cmdline").read_text()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert elapsed < 15
+    assert "run the same command again" in err
+    assert _processes_mentioning(name) == []
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+    trials = trials_of(store_url, name)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [
+        t for t in trials if "interrupted by SIGINT" in t.user_attrs.get("fail_reason", "")
+    ]
+    assert {t.user_attrs["worker_pid"] for t in interrupted} == set(pids)
+    counts = count_trials(trials)
+    assert counts.requeued == len(interrupted) == counts.waiting
+
+    budget = counts.finished + 3
+    rerun = hpo(
+        "run", "--trials", str(budget), "--epochs", "4", "--pruner", "none", *common, cwd=tmp_path
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    final = trials_of(store_url, name)
+    counts = count_trials(final)
+    assert (counts.finished, counts.running, counts.waiting) == (budget, 0, 0)
+    retried = [t for t in final if "retry_of" in t.user_attrs]
+    assert {t.user_attrs["retry_of"] for t in retried} == {t.number for t in interrupted}
+    assert all(t.state in FINISHED for t in retried)
+    assert DUMMY_PASSWORD not in all_output((out, err), tmp_path) + all_output(rerun, tmp_path)
+
+
+def test_a_worker_that_dies_is_replaced_and_its_trial_recorded(tmp_path):
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    name = "dies"
+    args = ("run", "--trials", "3", "--preset", "smoke", "--epochs", "4", "--pruner", "none")
+    proc = subprocess.Popen(
+        command(*args, "--storage", url, "--study", name, "--quiet"),
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        [pid] = _wait_for_running(url, name, 1, proc)
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "starting a replacement" in err
+    trials = trials_of(url, name)
+    assert count_trials(trials).finished == 3 and len(trials) == 3
+    [killed] = [t for t in trials if t.user_attrs["worker_pid"] == pid]
+    assert killed.state == TrialState.FAIL
+    assert f"worker process {pid} was killed by SIGKILL" in killed.user_attrs["fail_reason"]
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
