@@ -25,6 +25,8 @@ _EXAMPLES = "e.g. sqlite:///hpo.db or postgresql+psycopg2://user:password@host:5
 _SQLITE_DRIVERS = ("sqlite", "sqlite+pysqlite")
 _POSTGRES_DRIVERS = ("postgresql", "postgresql+psycopg2")
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)\S*@")
+# "user:secret@" in text that is not a well-formed URL (e.g. a mistyped scheme)
+_LOOSE_USERINFO = re.compile(r"(?P<head>[^\s:/@]+:)(?!//)(?!\*\*\*@)[^\s@]+@")
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,10 @@ class StoreLocation:
 
 
 def redact(text: str) -> str:
-    """Hide the password of every URL in `text` (`user:secret@` becomes `user:***@`)."""
-    return _USERINFO.sub(lambda m: f"{m.group('head')}***@", text)
+    """Hide the password of every URL in `text` (`user:secret@` becomes `user:***@`), also in
+    text that only looks like a URL."""
+    text = _USERINFO.sub(lambda m: f"{m.group('head')}***@", text)
+    return _LOOSE_USERINFO.sub(lambda m: f"{m.group('head')}***@", text)
 
 
 def resolve_url(flag: str | None, environ: Mapping[str, str] | None = None) -> StoreLocation:

@@ -60,6 +60,9 @@ def test_redact_hides_every_url_password_in_free_text():
         redact(text) == "failed at postgresql://bob:***@h:5432/db and mysql://x:***@z/w (retrying)"
     )
     assert redact("no url here") == "no url here"
+    assert redact("postgresql//bob:hunter2@h/db") == "postgresql//bob:***@h/db"
+    assert redact("bob:hunter2@h") == "bob:***@h"
+    assert redact("at 12:30 @home") == "at 12:30 @home"
     assert "hunter2" not in parse_url("postgresql://bob:hunter2@h/db").scrub("pw hunter2 leaked")
 
 
@@ -68,6 +71,8 @@ def test_redact_hides_every_url_password_in_free_text():
     [
         ("not a url", "is not a URL"),
         ("hpo.db", "is not a URL"),
+        ("postgresql//alice:topsecret@h/db", "is not a URL"),
+        ("postgresql:/alice:topsecret@h/db", "is not a URL"),
         ("postgresql://alice:topsecret@h:notaport/db", "is not a URL"),
         ("mysql://alice:topsecret@h/db", "'mysql' is not supported"),
         ("postgres://alice:topsecret@h/db", "use postgresql+psycopg2://"),
