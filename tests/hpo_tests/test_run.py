@@ -56,8 +56,9 @@ def all_output(result: subprocess.CompletedProcess[str] | tuple[str, str], cwd: 
 def test_budget_pruning_failures_and_resume(store_url, tmp_path):
     name = f"e2e-{secrets.token_hex(3)}"
     space = tmp_path / "space.toml"
-    # Half the trials get a NaN loss in their first epoch (the pipeline's fault injection).
-    space.write_text("fault_nonfinite_epoch = { choices = [0, 1] }\n")
+    # Half the trials get a NaN loss in their first epoch (the pipeline's fault injection); a
+    # larger training set makes each trial take long enough for both workers to get some.
+    space.write_text("fault_nonfinite_epoch = { choices = [0, 1] }\nn_train = 1024\n")
     common = ("--preset", "smoke", "--storage", store_url, "--study", name, "--quiet")
     first = hpo(
         "run", "--trials", "12", "--workers", "2", "--sampler", "random", "--seed", "3",
@@ -147,9 +148,18 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def slow_trials(tmp_path: Path) -> str:
+    """A space file making smoke trials last seconds (about 1 s per epoch on one core), so a
+    test can catch them mid-training."""
+    path = tmp_path / "slow.toml"
+    path.write_text("n_train = 2048\n")
+    return str(path)
+
+
 def test_ctrl_c_stops_within_seconds_leaves_nothing_behind_and_rerun_finishes(store_url, tmp_path):
     name = f"sigint-{secrets.token_hex(3)}"
     common = ("--preset", "smoke", "--storage", store_url, "--study", name, "--quiet")
+    common += ("--space", slow_trials(tmp_path))
     args = ("run", "--trials", "40", "--epochs", "4", "--pruner", "none", "--workers", "2")
     proc = subprocess.Popen(
         command(*args, *common),
@@ -204,7 +214,9 @@ def test_a_worker_that_dies_is_replaced_and_its_trial_recorded(tmp_path):
     name = "dies"
     args = ("run", "--trials", "3", "--preset", "smoke", "--epochs", "4", "--pruner", "none")
     proc = subprocess.Popen(
-        command(*args, "--storage", url, "--study", name, "--quiet"),
+        command(
+            *args, "--storage", url, "--study", name, "--quiet", "--space", slow_trials(tmp_path)
+        ),
         cwd=tmp_path,
         env=environment(),
         stdout=subprocess.PIPE,
