@@ -72,7 +72,8 @@ def run_trial(
                     f"objective {objective} is {value} at epoch {metrics.epoch}"
                 )
             trial.report(value, metrics.epoch)
-            if trial.should_prune():
+            # After the last epoch there is no training left to save: the trial completes.
+            if metrics.epoch < config.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
 
     started = time.perf_counter()
