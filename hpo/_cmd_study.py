@@ -92,6 +92,13 @@ def run(
         int | None, typer.Option("--workers-per-gpu", help="Workers sharing each GPU.")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="Torch threads per worker [default: the cores divided among the workers].",
+        ),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No live progress line (for logs).")
     ] = False,
@@ -136,6 +143,7 @@ def run(
             n_gpus=_visible_gpu_count(device),
             visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
             n_cpus=len(os.sched_getaffinity(0)),
+            threads=threads,
         )
         location = resolve_url(storage)
         settings = StudySettings(

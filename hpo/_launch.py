@@ -58,9 +58,14 @@ def plan_slots(
     n_gpus: int,
     visible: str | None,
     n_cpus: int,
+    threads: int | None = None,
 ) -> list[WorkerSlot]:
     """The worker layout: one per visible GPU (or `--gpus`, times `--workers-per-gpu`), or one on
-    the CPU; `--workers N` spreads N over the GPUs round-robin. LaunchError names the problem."""
+    the CPU; `--workers N` spreads N over the GPUs round-robin. Each worker gets `threads` torch
+    threads, by default the cores divided among the workers (never more threads than cores: an
+    oversubscribed OpenMP pool can run ten times slower). LaunchError names the problem."""
+    if threads is not None and threads < 1:
+        raise LaunchError(f"--threads must be >= 1, but got {threads}")
     if device not in ("auto", "cpu", "cuda"):
         raise LaunchError(f"--device must be auto, cpu or cuda, but got {device!r}")
     if workers is not None and workers < 1:
@@ -77,8 +82,8 @@ def plan_slots(
         if workers_per_gpu is not None:
             raise LaunchError("--workers-per-gpu needs GPUs, and the workers run on the CPU")
         n = workers or 1
-        threads = max(1, n_cpus // n)
-        return [WorkerSlot(i, "cpu", "", threads) for i in range(n)]
+        per_worker = threads or max(1, n_cpus // n)
+        return [WorkerSlot(i, "cpu", "", per_worker) for i in range(n)]
     ids = gpu_ids if gpu_ids is not None else list(range(n_gpus))
     per_gpu = workers_per_gpu or 1
     if workers is not None and workers_per_gpu is not None and workers != per_gpu * len(ids):
@@ -87,10 +92,10 @@ def plan_slots(
         )
     n = workers if workers is not None else per_gpu * len(ids)
     names = [v.strip() for v in visible.split(",")] if visible else None
-    threads = max(1, n_cpus // n)
+    per_worker = threads or max(1, n_cpus // n)
     return [
         WorkerSlot(
-            i, "cuda", names[ids[i % len(ids)]] if names else str(ids[i % len(ids)]), threads
+            i, "cuda", names[ids[i % len(ids)]] if names else str(ids[i % len(ids)]), per_worker
         )
         for i in range(n)
     ]

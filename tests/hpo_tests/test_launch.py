@@ -30,6 +30,7 @@ def test_cpu_workers_share_the_cores_without_oversubscribing():
     assert [s.threads for s in plan(workers=2)] == [1, 1]
     assert [s.threads for s in plan(workers=2, n_cpus=16)] == [8, 8]
     assert [s.threads for s in plan(workers=4)] == [1, 1, 1, 1]
+    assert [s.threads for s in plan(workers=2, n_cpus=16, threads=3)] == [3, 3]
 
 
 def test_one_worker_per_visible_gpu_by_default():
@@ -71,6 +72,7 @@ def test_cpu_workers_see_no_gpu():
         ({"device": "cuda"}, "CUDA is not available"),
         ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
         ({"workers": 0}, "--workers must be >= 1"),
+        ({"threads": 0}, "--threads must be >= 1"),
         ({"workers_per_gpu": 2}, "--workers-per-gpu needs GPUs"),
         ({"workers": 3, "workers_per_gpu": 2, "n_gpus": 2}, "disagrees"),
     ],

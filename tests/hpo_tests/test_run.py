@@ -24,7 +24,15 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hpo.cli", *args]
+    # One torch thread per worker: the suite may share its cores with other processes, and an
+    # OpenMP pool with as many threads as cores slows down tenfold when it does.
+    return [
+        sys.executable,
+        "-m",
+        "hpo.cli",
+        *args,
+        *(("--threads", "1") if args[0] == "run" else ()),
+    ]
 
 
 def environment() -> dict[str, str]:
