@@ -8,6 +8,9 @@ CLI. Training time is what the workers measured around `pipeline.train` (the tri
     overhead_s    = (wall - sum(train) / W) / N   wall-clock seconds per trial not training
     worker_s      = (W * wall - sum(train)) / N   worker-seconds per trial not training (= W x above)
     startup_s     = launch -> first trial starts  (interpreter, torch and optuna imports, store)
+    tail_s        = last trial recorded -> `hpo run` has exited
+    loop_ms       = per trial, worker time between the first trial's start and the last one's end
+                    not spent training: claim, suggest, reports, tell, idling at the end
 
 What the overhead holds: process start-up, opening the store, the claim (lock, count, ask),
 suggesting, per-epoch reports and attributes, the final tell, and workers idling at the end while
@@ -21,6 +24,7 @@ overhead formulae use the measured training time, so that growth is not counted 
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import json
 import os
@@ -80,6 +84,11 @@ def measure(url: str, workers: int, trials: int, cwd: Path) -> dict:
     train = sum(t.user_attrs["train_time_s"] for t in done)
     in_worker = sum(t.user_attrs["wall_time_s"] for t in done)
     first_start = min(t.user_attrs["started_unix"] for t in done)
+    last_end = max(
+        calendar.timegm(t.datetime_complete.timetuple()) + t.datetime_complete.microsecond / 1e6
+        for t in done
+    )  # naive UTC
+    span = last_end - first_start
     return {
         "workers": workers,
         "trials": trials,
@@ -90,6 +99,8 @@ def measure(url: str, workers: int, trials: int, cwd: Path) -> dict:
         "worker_s": round((workers * wall - train) / trials, 3),
         "in_trial_overhead_s": round((in_worker - train) / trials, 3),
         "startup_s": round(first_start - launched, 2),
+        "tail_s": round(launched + wall - last_end, 2),
+        "loop_ms": round(1000 * (workers * span - train) / trials, 1),
     }
 
 
@@ -125,7 +136,7 @@ def main() -> None:
         f"python {platform.python_version()}, optuna {optuna.__version__}"
     )
     header = ("store", "workers", "trials", "wall_s", "train_s_per_trial", "overhead_s",
-              "worker_s", "in_trial_overhead_s", "startup_s")  # fmt: skip
+              "worker_s", "startup_s", "tail_s", "loop_ms")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
