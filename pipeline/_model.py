@@ -125,7 +125,7 @@ class SubspaceSpectrum(nn.Module):
     """x_hat (B, L, N) complex -> MUSIC log pseudo-spectrum of R_samp (B, R, E, A) and the
     2 K_max largest eigenvalues of R_samp over N (B, 2 K_max), both float32, no gradient.
 
-    The signal subspace is the K_max strongest eigenvectors of R_samp (Fix 1: trace N);
+    The signal subspace is the K_max strongest eigenvectors of R_samp (at most L of them);
     proj(g) = ||E_s^H a(g)||^2 / N and the feature is -log(1 - proj + 1e-3): one GEMM of the grid's
     steering matrix against every scene's subspace. The eigenvalue profile is what MDL counts
     sources from, handed to the K head.
@@ -146,16 +146,23 @@ class SubspaceSpectrum(nn.Module):
     @torch.no_grad()
     def forward(self, fields: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=fields.device.type, enabled=False):
-            r_samp = sample_covariance(fields)
-            eigenvalues, eigenvectors = torch.linalg.eigh(r_samp)  # ascending
-            n_elements = r_samp.shape[-1]
-            signal = eigenvectors[..., -self.n_signal:]  # (B, N, K)
-            batch = signal.shape[0]
+            snapshots = fields.to(torch.complex64).transpose(-2, -1)  # (B, N, L)
+            batch, n_elements, n_snapshots = snapshots.shape
+            # R_samp = A A^H / L has rank <= L: its eigenpairs follow from the L x L Gram matrix
+            # A^H A (eigenvalues w, vectors V) as U = A V / sqrt(w), far cheaper than an N x N eigh.
+            gram = snapshots.conj().transpose(-2, -1) @ snapshots  # (B, L, L)
+            eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
+            eigenvalues = eigenvalues.flip(-1).clamp_min(0.0)
+            n_signal = min(self.n_signal, n_snapshots)
+            top = vectors.flip(-1)[..., :n_signal]
+            signal = (snapshots @ top) / eigenvalues[:, None, :n_signal].sqrt().clamp_min(1e-12)
             stacked = signal.transpose(0, 1).reshape(n_elements, -1)  # (N, B*K)
-            proj = (self.atoms @ stacked).abs().square().reshape(-1, batch, self.n_signal)
+            proj = (self.atoms @ stacked).abs().square().reshape(-1, batch, n_signal)
             proj = proj.sum(-1).T / n_elements  # (B, G)
             music = -torch.log((1.0 - proj).clamp_min(0.0) + 1e-3)
-            profile = eigenvalues.flip(-1)[..., : self.n_eigen] / n_elements
+            # Eigenvalues of R_samp scaled to trace N, over N: w / sum(w).
+            profile = eigenvalues / eigenvalues.sum(-1, keepdim=True).clamp_min(1e-30)
+            profile = F.pad(profile, (0, max(0, self.n_eigen - n_snapshots)))[..., : self.n_eigen]
         return music.reshape(-1, *self.grid_shape), profile
 
 

@@ -148,3 +148,23 @@ def test_checkpoint_resumes_at_the_next_epoch_with_the_same_result(tmp_path):
     assert [m.epoch for m in resumed.history] == [1, 2, 3]
     assert resumed.final.train_loss == pytest.approx(straight.final.train_loss, rel=1e-5)
     assert resumed.final.val_nmse == pytest.approx(straight.final.val_nmse, rel=1e-5)
+
+
+def test_subspace_features_from_the_gram_matrix_equal_the_full_eigh():
+    # The model's fast path (eigenpairs of R_samp from the L x L Gram matrix) against the
+    # straightforward N x N eigendecomposition of R_samp in double precision.
+    from pipeline import _covariance as cov
+
+    config = preset("quick")
+    deployment = Deployment.build(config)
+    model = build_model(config, deployment)
+    batch = generate_scenes(config, deployment, 16, 3)
+    music, profile = model.subspace(batch.fields)
+    eigenvalues, vectors = torch.linalg.eigh(cov.sample_covariance(batch.fields).to(
+        torch.complex128))
+    expected_profile = eigenvalues.flip(-1)[..., :10] / 144
+    signal = vectors.flip(-1)[..., :5].to(torch.complex64)
+    proj = (model.subspace.atoms @ signal).abs().square().sum(-1) / 144
+    expected_music = -torch.log((1 - proj).clamp_min(0) + 1e-3)
+    assert torch.allclose(profile.double(), expected_profile, atol=1e-6)
+    assert torch.allclose(music.reshape(16, -1), expected_music, atol=1e-4)
