@@ -71,8 +71,9 @@ DEFAULT_PARAMS: dict[str, Param] = {
     "weight_decay": FloatRange(1e-6, 1e-2, log=True),
     "batch_size": Choice((16, 32, 64, 128)),  # scenes per step
     "warmup_frac": FloatRange(0.0, 0.2),  # share of all steps in linear warm-up
-    "model_width": Choice((64, 128, 256, 512)),  # hidden units of the MLP trunk
-    "model_depth": IntRange(1, 4),  # hidden layers of the MLP trunk
+    "conv_channels": IntRange(16, 48, step=16),  # channels of the convolutional trunk
+    "model_width": Choice((64, 128, 256)),  # hidden units of the pooled head
+    "model_depth": IntRange(2, 6),  # residual blocks of the convolutional trunk
     "dropout": FloatRange(0.0, 0.3),
     "beta": FloatRange(0.0, 0.6),  # weight of R_samp in R_blend
     "lam_k": FloatRange(0.02, 1.0, log=True),  # loss weight of the K cross-entropy

@@ -34,7 +34,8 @@ def write(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
 def test_default_space_covers_the_issue_list_and_is_valid():
     space = load_space(None, SMOKE)
     for name in (
-        "lr", "weight_decay", "batch_size", "model_width", "model_depth", "dropout", "beta",
+        "lr", "weight_decay", "batch_size", "model_width", "model_depth", "conv_channels",
+        "dropout", "beta",
         "lam_k", "lam_aux", "warmup_frac",
     ):  # fmt: skip
         assert name in space.searched()
@@ -72,7 +73,8 @@ def test_suggest_config_stays_inside_the_space(tmp_path):
         assert config.dropout == 0.1 and config.n_train == 64
         assert 1e-4 <= config.lr <= 1e-2
         assert config.batch_size in (16, 32, 64, 128)
-        assert 1 <= config.model_depth <= 4
+        assert 2 <= config.model_depth <= 6
+        assert config.conv_channels in (16, 32, 48)
         assert set(trial.params) == set(space.searched())
         study.tell(trial, 0.0)
 
