@@ -17,6 +17,7 @@ from pipeline._physics import Deployment
 
 def _stats(matrix: torch.Tensor) -> dict[str, float]:
     """Batch means of trace and Frobenius norm of (B, N, N) matrices."""
+    matrix = matrix.detach()
     return {
         "trace": float(cov.trace(matrix).mean()),
         "frobenius": float(torch.linalg.matrix_norm(matrix).mean()),
@@ -57,8 +58,8 @@ def scale_report(config: ExperimentConfig, device: torch.device) -> dict[str, An
         "nmse_true_vs_true": float(cov.nmse(mats.true, mats.true).mean()),
         "nmse_blend_vs_true": float(cov.nmse(mats.blend, mats.true).mean()),
         "nmse_samp_vs_true": float(cov.nmse(mats.samp, mats.true).mean()),
-        "loss_terms": {name: float(value) for name, value in terms.as_dict().items()},
-        "loss_total": float(terms.total),
+        "loss_terms": {name: float(value.detach()) for name, value in terms.as_dict().items()},
+        "loss_total": float(terms.total.detach()),
         "loss_terms_finite": all(bool(torch.isfinite(v)) for v in terms.as_dict().values()),
         "gradients_finite": _grads_finite(model, terms.total),
         "eigengap_enabled": config.lam_gap > 0,
@@ -67,7 +68,7 @@ def scale_report(config: ExperimentConfig, device: torch.device) -> dict[str, An
     # <= K_max in N dimensions) must still give finite gradients.
     gap_config = dataclasses.replace(config, lam_gap=config.lam_gap or 1.0)
     gap_terms, _ = compute_loss(model(batch.measurements, batch.fields), batch, gap_config)
-    report["eigengap_term"] = float(gap_terms.gap)
+    report["eigengap_term"] = float(gap_terms.gap.detach())
     report["eigengap_gradients_finite"] = bool(torch.isfinite(gap_terms.gap)) and _grads_finite(
         model, gap_terms.total)
     report["terms"] = list(TERMS)
