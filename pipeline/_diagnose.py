@@ -56,7 +56,7 @@ def scale_report(config: ExperimentConfig, device: torch.device) -> dict[str, An
         "R_pred": _stats(mats.pred),
         "R_blend": _stats(mats.blend),
         "nmse_true_vs_true": float(cov.nmse(mats.true, mats.true).mean()),
-        "nmse_blend_vs_true": float(cov.nmse(mats.blend, mats.true).mean()),
+        "nmse_blend_vs_true": float(cov.nmse(mats.blend, mats.true).mean().detach()),
         "nmse_samp_vs_true": float(cov.nmse(mats.samp, mats.true).mean()),
         "loss_terms": {name: float(value.detach()) for name, value in terms.as_dict().items()},
         "loss_total": float(terms.total.detach()),
