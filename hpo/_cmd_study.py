@@ -27,6 +27,9 @@ StorageOption = Annotated[
         show_default=False,
     ),
 ]
+ExistingStudyOption = Annotated[
+    str | None, typer.Option("--study", help="Study name [default: the store's only one].")
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 
 EXIT_USAGE = 2
@@ -250,9 +253,7 @@ def _trial_summary(trial: Any) -> dict[str, Any]:
 @app.command()
 def status(
     storage: StorageOption = None,
-    study: Annotated[
-        str | None, typer.Option("--study", help="Study name [default: the store's only one].")
-    ] = None,
+    study: ExistingStudyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show the study's trial counts against its budget, and its best trial."""
@@ -316,9 +317,7 @@ def status(
 @app.command()
 def best(
     storage: StorageOption = None,
-    study: Annotated[
-        str | None, typer.Option("--study", help="Study name [default: the store's only one].")
-    ] = None,
+    study: ExistingStudyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Print the best trial: value, number, params, final metrics and full config."""
