@@ -31,7 +31,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline._config import ExperimentConfig
-from pipeline._covariance import sample_covariance
 from pipeline._physics import Deployment, steering_vectors
 
 
