@@ -1,0 +1,254 @@
+"""A trained model against the references (SYSTEM.md §5), per SNR bin and per K, on test scenes.
+
+Five rows on the same scenes:
+
+  learned   MUSIC on the learned R_blend with the K head's count
+  samp      classical: MUSIC on R_samp with MDL's count (MDL is the classical reference for K)
+  pursuit   classical: orthogonal matching pursuit on the measurements (`pipeline._pursuit`),
+            with MDL's count
+  oracle    MUSIC on R_true with the true count
+  crb       the Cramer-Rao bound of the measurement model (`pipeline._crb`, "joint": every
+            position, power and the noise variance unknown), at the true sources
+
+Scenes come from the test stream of the checkpoint's data seed (`split_seeds(config.seed)["test"]`,
+disjoint by construction from the train and validation streams), chunk c of evaluation seed S
+drawn from the child seed (test stream, S, c). Seed 0 gives the test split itself. Chunks are
+always drawn whole, so the first n scenes of a larger evaluation are the scenes of a smaller one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import _covariance as cov
+from pipeline._config import ExperimentConfig, config_to_dict
+from pipeline._crb import cramer_rao_bound
+from pipeline._data import SceneBatch, _batch_seed, generate_scenes, split_seeds
+from pipeline._evaluate import (
+    SUCCESS_AZIMUTH_DEG,
+    SUCCESS_ELEVATION_DEG,
+    SUCCESS_RANGE_M,
+    Localization,
+    localization_metrics,
+    matched_errors,
+    mdl_estimate,
+    music_localize,
+)
+from pipeline._losses import covariances
+from pipeline._physics import Deployment
+from pipeline._pursuit import matching_pursuit
+
+SNR_BIN_EDGES_DB = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
+SCENE_CHUNK = 250  # scenes drawn (and localized) together; part of the scene definition
+METHODS: dict[str, str] = {
+    "learned": "learned R_blend (K head)",
+    "samp": "MUSIC on R_samp (MDL)",
+    "pursuit": "matching pursuit (MDL)",
+    "oracle": "MUSIC on R_true (true K)",
+    "crb": "Cramer-Rao bound",
+}
+LOCALIZERS = ("learned", "samp", "pursuit", "oracle")
+_PARAMS = ("azimuth_deg", "elevation_deg", "range_m")
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """rows: one dict per (method, group, bin); see `evaluate_model` for the keys."""
+
+    rows: list[dict[str, Any]]
+    n_scenes: int
+    seed: int
+    seconds: dict[str, float]  # wall time per stage (scenes, model, each method, crb, metrics)
+    config: dict[str, Any]
+
+
+def evaluation_scenes(config: ExperimentConfig, deployment: Deployment, n_scenes: int, seed: int
+                ) -> list[SceneBatch]:
+    """The evaluation scenes, in chunks of SCENE_CHUNK; a pure function of (config, seed)."""
+    if n_scenes < 1:
+        raise ValueError(f"n_scenes must be >= 1, but got {n_scenes=}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, but got {seed=}")
+    root = split_seeds(config.seed)["test"]
+    chunks = []
+    for index in range(math.ceil(n_scenes / SCENE_CHUNK)):
+        batch = generate_scenes(config, deployment, SCENE_CHUNK, _batch_seed(root, seed, index))
+        keep = min(SCENE_CHUNK, n_scenes - index * SCENE_CHUNK)
+        chunks.append(batch if keep == SCENE_CHUNK else batch.select(slice(0, keep)))
+    return chunks
+
+
+def _dense(matrix: Any) -> torch.Tensor:
+    """(B, N, N) complex64 from a dense tensor or a factor-form covariance."""
+    return matrix.dense() if hasattr(matrix, "dense") else matrix.to(torch.complex64)
+
+
+def _with_loading(matrix: torch.Tensor, loading: float) -> torch.Tensor:
+    """R + loading I; the inference-only diagonal loading of SYSTEM.md §3 (as in evaluation)."""
+    if not loading:
+        return matrix
+    return matrix + loading * torch.eye(matrix.shape[-1], dtype=matrix.dtype,
+                                        device=matrix.device)
+
+
+def _cat_localizations(parts: list[Localization]) -> Localization:
+    return Localization(*(torch.cat([getattr(p, name) for p in parts]) for name in
+                          ("azimuth_rad", "elevation_rad", "range_m", "mask", "score")))
+
+
+def _select(localization: Localization, index: torch.Tensor) -> Localization:
+    return Localization(localization.azimuth_rad[index], localization.elevation_rad[index],
+                        localization.range_m[index], localization.mask[index],
+                        localization.score[index])
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment: Deployment, *,
+                   n_scenes: int = 2000, seed: int = 0,
+                   progress: Callable[[int, int], None] | None = None) -> EvaluationResult:
+    """Localize n_scenes fresh test scenes with the five rows of the module docstring.
+
+    model: a trained CovarianceNet in eval mode on the deployment's device (`load_model`).
+    progress(done, total) is called after every chunk of scenes.
+    Each row dict holds: method, label, group ("all", "snr" or "k"), bin (e.g. "all", "-5..0",
+    "3"), n_scenes, n_sources and, for the four localizers, the keys of `localization_metrics`
+    plus k_over / k_under (share of scenes with K_hat above / below K), rmse_range_relative,
+    and rmse_over_crb_* / inlier_rmse_over_crb_* (RMSE over sqrt(mean CRB) of the same pairs);
+    for the crb row, rmse_* = sqrt(mean CRB) and median_* = median sqrt(CRB) over the true
+    sources, rmse_range_relative = sqrt(mean CRB_r / r^2). Keys that do not apply are None.
+    """
+    model.eval()
+    seconds = dict.fromkeys(("scenes", "model", *LOCALIZERS, "crb", "metrics"), 0.0)
+    started = time.perf_counter()
+    chunks = evaluation_scenes(config, deployment, n_scenes, seed)
+    seconds["scenes"] = time.perf_counter() - started
+    found: dict[str, list[Localization]] = {name: [] for name in LOCALIZERS}
+    counts: dict[str, list[torch.Tensor]] = {name: [] for name in LOCALIZERS}
+    bounds = []
+    done = 0
+    for batch in chunks:
+        tick = time.perf_counter()
+        output = model(batch.measurements, batch.fields)
+        mats = covariances(output, batch, config)
+        r_blend = _with_loading(_dense(mats.blend), config.diag_loading)
+        r_samp, r_true = _dense(mats.samp), _dense(mats.true)
+        k_head = (output.k_logits.argmax(-1) + 1).clamp(1, config.max_sources)
+        k_mdl = mdl_estimate(r_samp, config.n_snapshots, max_sources=config.max_sources)
+        seconds["model"] += time.perf_counter() - tick
+        runs: dict[str, tuple[Callable[[], Localization], torch.Tensor]] = {
+            "learned": (lambda: music_localize(r_blend, k_head, deployment, config), k_head),
+            "samp": (lambda: music_localize(r_samp, k_mdl, deployment, config), k_mdl),
+            "pursuit": (lambda: matching_pursuit(batch.measurements, k_mdl, deployment, config),
+                        k_mdl),
+            "oracle": (lambda: music_localize(r_true, batch.n_sources, deployment, config),
+                       batch.n_sources),
+        }
+        for name, (run, k_hat) in runs.items():
+            tick = time.perf_counter()
+            found[name].append(run())
+            counts[name].append(k_hat.clamp(1, config.max_sources))
+            seconds[name] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        bounds.append(cramer_rao_bound(batch, config))
+        seconds["crb"] += time.perf_counter() - tick
+        done += batch.size
+        if progress is not None:
+            progress(done, n_scenes)
+
+    tick = time.perf_counter()
+    truth = SceneBatch.concat(chunks)
+    crb = torch.cat(bounds).cpu().numpy()  # (B, K_max, 3) rad^2, rad^2, m^2
+    crb[..., :2] *= (180.0 / math.pi) ** 2  # degrees^2
+    localizations = {name: _cat_localizations(parts) for name, parts in found.items()}
+    k_hats = {name: torch.cat(parts) for name, parts in counts.items()}
+    rows = []
+    for group, label, index in _groups(truth):
+        for name in LOCALIZERS:
+            rows.append({"method": name, "label": METHODS[name], "group": group, "bin": label,
+                         **_localizer_row(localizations[name], k_hats[name], truth, crb, index,
+                                          config)})
+        rows.append({"method": "crb", "label": METHODS["crb"], "group": group, "bin": label,
+                     **_bound_row(truth, crb, index)})
+    seconds["metrics"] = time.perf_counter() - tick
+    return EvaluationResult(rows=rows, n_scenes=n_scenes, seed=seed, seconds=seconds,
+                            config=config_to_dict(config))
+
+
+def _groups(truth: SceneBatch) -> list[tuple[str, str, torch.Tensor]]:
+    """(group, bin label, scene indices): all scenes, each SNR bin, each K (empty bins left out)."""
+    snr = truth.snr_db.cpu()
+    k = truth.n_sources.cpu()
+    groups = [("all", "all", torch.arange(truth.size))]
+    edges = SNR_BIN_EDGES_DB
+    for position, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+        last = position == len(edges) - 2
+        inside = (snr >= low) & ((snr <= high) if last else (snr < high))
+        groups.append(("snr", f"{low:g}..{high:g}", inside.nonzero().squeeze(-1)))
+    for n_sources in sorted(k.unique().tolist()):
+        groups.append(("k", str(n_sources), (k == n_sources).nonzero().squeeze(-1)))
+    return [g for g in groups if g[2].numel() > 0]
+
+
+def _rms(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(np.sqrt(np.mean(np.square(finite)))) if finite.size else None
+
+
+def _ratio(errors: np.ndarray, bounds: np.ndarray) -> float | None:
+    """RMSE of `errors` over sqrt(mean of their pairs' CRBs); None without finite pairs."""
+    ok = np.isfinite(bounds)
+    if not ok.any():
+        return None
+    return float(np.sqrt(np.mean(np.square(errors[ok])) / np.mean(bounds[ok])))
+
+
+def _localizer_row(localization: Localization, k_hat: torch.Tensor, truth: SceneBatch,
+                   crb: np.ndarray, index: torch.Tensor, config: ExperimentConfig
+                   ) -> dict[str, Any]:
+    device = localization.mask.device
+    part = _select(localization, index.to(device))
+    true_part = truth.select(index.to(truth.n_sources.device))
+    k_part = k_hat[index.to(k_hat.device)]
+    row: dict[str, Any] = localization_metrics(part, true_part, k_part, config=config)
+    row["n_scenes"] = int(index.numel())
+    row["n_pairs"] = int(row["n_pairs"])
+    row["n_sources"] = int(true_part.n_sources.sum())
+    k_true = true_part.n_sources.cpu().numpy()
+    k_est = k_part.cpu().numpy()
+    row["k_over"] = float(np.mean(k_est > k_true))
+    row["k_under"] = float(np.mean(k_est < k_true))
+    errors = matched_errors(part, true_part)
+    row["rmse_range_relative"] = _rms(errors["range_m"] / errors["true_range_m"])
+    pair_crb = crb[index.numpy()][errors["scene"], errors["true_slot"]]  # (n_pairs, 3)
+    inside = ((errors["azimuth_deg"] <= SUCCESS_AZIMUTH_DEG)
+              & (errors["elevation_deg"] <= SUCCESS_ELEVATION_DEG)
+              & (errors["range_m"] <= SUCCESS_RANGE_M))
+    for axis, name in enumerate(_PARAMS):
+        row[f"rmse_over_crb_{name}"] = _ratio(errors[name], pair_crb[:, axis])
+        row[f"inlier_rmse_over_crb_{name}"] = _ratio(errors[name][inside],
+                                                     pair_crb[inside, axis])
+    return row
+
+
+def _bound_row(truth: SceneBatch, crb: np.ndarray, index: torch.Tensor) -> dict[str, Any]:
+    part = truth.select(index.to(truth.n_sources.device))
+    mask = part.source_mask.cpu().numpy()
+    bound = crb[index.numpy()][mask]  # (n_sources, 3)
+    true_range = part.range_m.cpu().numpy()[mask].astype(np.float64)
+    finite = np.isfinite(bound).all(-1)
+    row: dict[str, Any] = {"n_scenes": int(index.numel()), "n_sources": int(mask.sum()),
+                           "n_unbounded": int((~finite).sum())}
+    for axis, name in enumerate(_PARAMS):
+        values = bound[finite, axis]
+        row[f"rmse_{name}"] = float(np.sqrt(values.mean())) if values.size else None
+        row[f"median_{name}"] = float(np.median(np.sqrt(values))) if values.size else None
+    relative = bound[finite, 2] / np.square(true_range[finite])
+    row["rmse_range_relative"] = float(np.sqrt(relative.mean())) if relative.size else None
+    return row
