@@ -77,7 +77,7 @@ class ExperimentConfig:
     warmup_frac: float = 0.05  # share of all steps spent in linear warm-up, then cosine to 0
     grad_clip: float = 1.0  # max global gradient norm
     amp: bool = True  # autocast the network's trunk on CUDA (heads and loss stay float32)
-    amp_dtype: str = "float16"  # "float16" (with a gradient scaler) or "bfloat16"
+    amp_dtype: str = "bfloat16"  # "bfloat16" (no scaler, no host sync) or "float16" (+ scaler)
 
     # --- evaluation (SYSTEM.md §5) ---
     music_grid_azimuth: int = 61  # MUSIC coarse grid, azimuth points

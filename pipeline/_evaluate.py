@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional
 
 from pipeline._config import ExperimentConfig
-from pipeline._covariance import hermitian
+from pipeline._covariance import LowRank, hermitian
 from pipeline._data import SceneBatch
 from pipeline._matching import EVALUATION_SCALES, hungarian_match
 from pipeline._physics import Deployment
@@ -190,14 +190,37 @@ def _eigh(matrix: torch.Tensor, *, vectors: bool = True
         torch.set_num_threads(n_threads)
 
 
-def signal_subspace(covariance: torch.Tensor, n_sources: torch.Tensor, k_max: int
+def _low_rank_eigenvectors(covariance: LowRank, k_max: int) -> torch.Tensor:
+    """The k_max strongest eigenvectors of P P^H + c I, strongest first; (B, N, k_max).
+
+    c I moves no eigenvector, and those of P P^H with non-zero eigenvalue lie in the span of P:
+    with P = Q T (thin QR, Q orthonormal N x r), P P^H = Q (T T^H) Q^H, so the eigenvectors are Q
+    times those of the r x r matrix T T^H. Orthonormal whatever the rank of P.
+    """
+    factor = covariance.factor.to(torch.complex64)
+    n_elements, rank = factor.shape[-2:]
+    if rank < k_max:  # pad with zero columns: QR still gives orthonormal Q of k_max columns
+        factor = functional.pad(factor, (0, k_max - rank))
+    if rank > n_elements:
+        return signal_subspace(covariance.dense(), torch.full((len(covariance),), k_max),
+                               k_max)
+    q, t = torch.linalg.qr(factor)
+    _, vectors = _eigh(hermitian(t @ t.conj().transpose(-2, -1)))
+    return q @ vectors[..., -k_max:].flip(-1)
+
+
+def signal_subspace(covariance: torch.Tensor | LowRank, n_sources: torch.Tensor, k_max: int
                     ) -> torch.Tensor:
     """The K_hat strongest eigenvectors, strongest first, zero beyond K_hat; (B, N, k_max).
 
-    covariance: (B, N, N) complex (made Hermitian here); n_sources: (B,) int, clipped to 0..k_max.
+    covariance: (B, N, N) complex (made Hermitian here) or a `LowRank` (its factor's QR and an
+    r x r `eigh` instead of an N x N one); n_sources: (B,) int, clipped to 0..k_max.
     """
-    _, vectors = _eigh(hermitian(covariance.to(torch.complex64)))
-    strongest = vectors[..., -k_max:].flip(-1)
+    if isinstance(covariance, LowRank):
+        strongest = _low_rank_eigenvectors(covariance, k_max)
+    else:
+        _, vectors = _eigh(hermitian(covariance.to(torch.complex64)))
+        strongest = vectors[..., -k_max:].flip(-1)
     keep = torch.arange(k_max, device=covariance.device)[None, :] < n_sources[:, None]
     return strongest * keep[:, None, :].to(strongest.dtype)
 
@@ -403,41 +426,49 @@ def _localize_chunk(covariance: torch.Tensor, n_sources: torch.Tensor, deploymen
     return centres, values.clamp_min(0.0), mask
 
 
-def music_localize(covariance: torch.Tensor, n_sources: torch.Tensor, deployment: Deployment,
+def _rows(covariance: torch.Tensor | LowRank, part: slice) -> torch.Tensor | LowRank:
+    return covariance.select(part) if isinstance(covariance, LowRank) else covariance[part]
+
+
+def music_localize(covariance: torch.Tensor | LowRank, n_sources: torch.Tensor, deployment: Deployment,
                    config: ExperimentConfig, *, chunk_size: int = 64,
                    n_extra_candidates: int = 3) -> Localization:
     """MUSIC localization of K_hat sources per scene (SYSTEM.md §5), on the covariance's device.
 
-    covariance: (B, N, N) complex (Hermitian; any scale). n_sources: (B,) int, K_hat per scene,
+    covariance: (B, N, N) complex (Hermitian; any scale) or a `LowRank`. n_sources: (B,) int, K_hat per scene,
     clipped to 0..config.max_sources. Returns a Localization with K_max = config.max_sources slots,
     the first K_hat valid (fewer only if the spectrum has fewer local maxima), strongest peak
     first. Scenes are processed `chunk_size` at a time to bound memory; `n_extra_candidates`
     peaks beyond K_max are refined too, so that a true source whose coarse peak ranks just below
     a sidelobe is still found.
     """
-    if covariance.ndim != 3 or covariance.shape[-1] != covariance.shape[-2]:
+    if isinstance(covariance, LowRank):
+        device, n_scenes = covariance.factor.device, len(covariance)
+    elif covariance.ndim != 3 or covariance.shape[-1] != covariance.shape[-2]:
         raise ValueError(f"covariance must be (B, N, N), but got {tuple(covariance.shape)}")
+    else:
+        device, n_scenes = covariance.device, covariance.shape[0]
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, but got {chunk_size=}")
     k_max = config.max_sources
     grid = music_grid(config, deployment)
-    n_sources = n_sources.to(device=covariance.device, dtype=torch.long).clamp(0, k_max)
+    n_sources = n_sources.to(device=device, dtype=torch.long).clamp(0, k_max)
     points, scores, masks = [], [], []
     with torch.no_grad():
-        for start in range(0, covariance.shape[0], chunk_size):
+        for start in range(0, n_scenes, chunk_size):
             part = slice(start, start + chunk_size)
             chunk_points, chunk_score, chunk_mask = _localize_chunk(
-                covariance[part], n_sources[part], deployment, grid, k_max,
+                _rows(covariance, part), n_sources[part], deployment, grid, k_max,
                 n_extra_candidates, config.music_refine_steps,
             )
             points.append(chunk_points)
             scores.append(chunk_score)
             masks.append(chunk_mask)
-    point = torch.cat(points) if points else torch.zeros(0, k_max, 3, device=covariance.device)
+    point = torch.cat(points) if points else torch.zeros(0, k_max, 3, device=device)
     mask = torch.cat(masks) if masks else torch.zeros(0, k_max, dtype=torch.bool,
-                                                      device=covariance.device)
-    score = torch.cat(scores) if scores else torch.zeros(0, k_max, device=covariance.device)
-    zero = torch.zeros((), dtype=torch.float32, device=covariance.device)
+                                                      device=device)
+    score = torch.cat(scores) if scores else torch.zeros(0, k_max, device=device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
     return Localization(
         azimuth_rad=torch.where(mask, point[..., 0], zero),
         elevation_rad=torch.where(mask, point[..., 1], zero),
@@ -574,21 +605,27 @@ def localization_metrics(localization: Localization, truth: Localization | Scene
     return metrics
 
 
-def evaluate_covariances(covariance: torch.Tensor, n_sources_hat: torch.Tensor,
+def evaluate_covariances(covariance: torch.Tensor | LowRank, n_sources_hat: torch.Tensor,
                          batch: SceneBatch, deployment: Deployment, config: ExperimentConfig
                          ) -> dict[str, float]:
     """MUSIC on `covariance` with K_hat sources, scored against the batch's true sources.
 
-    covariance: (B, N, N) complex, e.g. R_blend. config.diag_loading * I is added first (loading
+    covariance: (B, N, N) complex or a `LowRank`, e.g. R_blend. config.diag_loading * I is added first (loading
     is inference-only, SYSTEM.md §3; it shifts every eigenvalue equally, so it leaves MUSIC's
     eigenvectors unchanged and only matters to eigenvalue-based steps). n_sources_hat: (B,) int,
     clipped to 1..K_max. Returns `localization_metrics`.
     """
-    covariance = covariance.to(torch.complex64)
-    if config.diag_loading:
-        eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-        covariance = covariance + config.diag_loading * eye
-    k_hat = n_sources_hat.to(device=covariance.device, dtype=torch.long)
+    if isinstance(covariance, LowRank):
+        covariance = covariance.with_loading(config.diag_loading)
+        device = covariance.factor.device
+    else:
+        covariance = covariance.to(torch.complex64)
+        if config.diag_loading:
+            eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype,
+                            device=covariance.device)
+            covariance = covariance + config.diag_loading * eye
+        device = covariance.device
+    k_hat = n_sources_hat.to(device=device, dtype=torch.long)
     k_hat = k_hat.clamp(1, config.max_sources)
     localization = music_localize(covariance, k_hat, deployment, config)
     return localization_metrics(localization, batch, k_hat, config=config)

@@ -31,12 +31,15 @@ _HEATMAP_SIGMA_CELLS = 1.0
 
 @dataclass(frozen=True)
 class Covariances:
-    """R_true, R_samp, R_pred, R_blend, each (B, N, N) complex64 with trace N."""
+    """R_true, R_samp, R_pred, R_blend in factor form (`LowRank`), each of trace N.
 
-    true: torch.Tensor
-    samp: torch.Tensor
-    pred: torch.Tensor
-    blend: torch.Tensor
+    `.dense()` on any of them gives the (B, N, N) complex64 matrix; the loss never needs it.
+    """
+
+    true: cov.LowRank
+    samp: cov.LowRank
+    pred: cov.LowRank
+    blend: cov.LowRank
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,11 @@ class LossTerms:
 
 def covariances(output: ModelOutput, batch: SceneBatch, config: ExperimentConfig) -> Covariances:
     """Every covariance of one batch, through the one covariance module (all four fixes)."""
-    r_true = cov.true_covariance(batch.steering, batch.power)
-    r_samp = cov.sample_covariance(batch.fields)
-    r_pred = cov.predicted_covariance(output.factor, output.shrinkage)
+    r_true = cov.true_low_rank(batch.steering, batch.power)
+    r_samp = cov.sample_low_rank(batch.fields)
+    r_pred = cov.predicted_low_rank(output.factor, output.shrinkage)
     return Covariances(true=r_true, samp=r_samp, pred=r_pred,
-                       blend=cov.blend(r_pred, r_samp, config.beta))
+                       blend=cov.blend_low_rank(r_pred, r_samp, config.beta))
 
 
 def detection_loss(objectness: torch.Tensor, offsets: torch.Tensor, batch: SceneBatch,
@@ -107,7 +110,7 @@ def compute_loss(output: ModelOutput, batch: SceneBatch, config: ExperimentConfi
     with torch.autocast(device_type=batch.fields.device.type, enabled=False):
         mats = covariances(output, batch, config)
         zero = torch.zeros((), device=batch.fields.device)
-        cov_term = cov.nmse(mats.blend, mats.true).mean()
+        cov_term = cov.nmse_low_rank(mats.blend, mats.true).mean()
         k_term = F.cross_entropy(output.k_logits.float(), batch.n_sources - 1)
         aux_term = matched_parameter_loss(
             output.azimuth_rad.float(), output.elevation_rad.float(), output.range_m.float(),
@@ -121,7 +124,7 @@ def compute_loss(output: ModelOutput, batch: SceneBatch, config: ExperimentConfi
                                       FeatureGrid.from_config(config)).mean()
         gap_term = zero
         if config.lam_gap > 0:
-            gap_term = cov.eigengap_loss(mats.blend, batch.n_sources).mean()
+            gap_term = cov.eigengap_loss(mats.blend.dense(), batch.n_sources).mean()
         total = (config.lam_cov * cov_term + config.lam_k * k_term + config.lam_aux * aux_term
                  + config.lam_det * det_term + config.lam_gap * gap_term)
     terms = LossTerms(total=total, cov=cov_term, k=k_term, aux=aux_term, det=det_term,

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pipeline import _covariance as cov
 from pipeline._config import ExperimentConfig, config_from_dict, config_to_dict
 from pipeline._data import SceneBatch, iterate_batches, load_split
 from pipeline._errors import CheckpointError, ConfigError, NumericalError
@@ -124,14 +125,34 @@ def _grad_scaler(config: ExperimentConfig, device: torch.device) -> torch.amp.Gr
                                 and config.amp_dtype == "float16")
 
 
-def _check_finite(values: dict[str, torch.Tensor], *, epoch: int, batch: int) -> None:
-    # One host sync for all terms; names the first bad one.
-    finite = torch.stack([torch.isfinite(v).all() for v in values.values()])
-    if not bool(finite.all()):
-        term = list(values)[int((~finite).nonzero()[0, 0])]
-        what = "gradient norm" if term == "grad" else f"{term} loss"
-        raise NumericalError(f"non-finite {what} at epoch {epoch} batch {batch}",
-                             term=term, epoch=epoch, batch=batch)
+class _FiniteWatch:
+    """Records, on the device, the first batch whose loss terms or gradient norm are non-finite.
+
+    Checking each step would synchronise the host with the GPU every step; the flags stay on the
+    device and `raise_if_bad` reads them once per epoch (the one sync of an epoch, shared with the
+    loss means). A bad step poisons the weights, so training cannot go on past it anyway; the
+    error names the first bad batch and term.
+    """
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names = names
+        self.first_batch = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_term = torch.zeros((), dtype=torch.long, device=device)
+
+    def record(self, finite_flags: list[torch.Tensor], batch: int) -> None:
+        """finite_flags: one 0-d bool tensor per name, True where that value is finite."""
+        finite = torch.stack(finite_flags)
+        new = (self.first_batch < 0) & ~finite.all()
+        self.first_batch = torch.where(new, batch, self.first_batch)
+        self.first_term = torch.where(new, (~finite).long().argmax(), self.first_term)
+
+    def raise_if_bad(self, epoch: int) -> None:
+        batch, term_index = (int(v) for v in torch.stack([self.first_batch, self.first_term]))
+        if batch >= 0:
+            term = self.names[term_index]
+            what = "gradient norm" if term == "grad" else f"{term} loss"
+            raise NumericalError(f"non-finite {what} at epoch {epoch} batch {batch}",
+                                 term=term, epoch=epoch, batch=batch)
 
 
 def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
@@ -141,7 +162,10 @@ def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
     model.train()
     sums = torch.zeros(len(TERMS) + 1, device=device)
     n_batches = 0
-    skipped = 0
+    # With float16 a gradient scaler skips steps whose scaled gradients overflow (and lowers the
+    # scale); only a run of more than _MAX_SKIPPED_STEPS of them is an error.
+    watch = _FiniteWatch([*TERMS, "total", "grad"], device)
+    skipped = torch.zeros((), dtype=torch.long, device=device)
     for index, batch in enumerate(iterate_batches(config, deployment, "train", config.n_train,
                                                   config.batch_size, epoch=epoch)):
         with _autocast(config, device):
@@ -150,24 +174,22 @@ def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
         total = terms.total
         if config.fault_nonfinite_epoch == epoch:
             total = total * float("nan")  # injected fault, for tests of the HPO layer
-        _check_finite({**terms.as_dict(), "total": total}, epoch=epoch, batch=index)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        grad_ok = torch.isfinite(grad_norm)
         if scaler.is_enabled():
-            # An overflow of the scaled float16 gradients is the scaler's to handle (it skips the
-            # step and lowers the scale); only a run of them is an error.
-            skipped = 0 if bool(torch.isfinite(grad_norm)) else skipped + 1
-            if skipped > _MAX_SKIPPED_STEPS:
-                _check_finite({"grad": grad_norm}, epoch=epoch, batch=index)
-        else:
-            _check_finite({"grad": grad_norm}, epoch=epoch, batch=index)
+            skipped = torch.where(grad_ok, 0, skipped + 1)
+            grad_ok = skipped <= _MAX_SKIPPED_STEPS
+        watch.record([*(torch.isfinite(v) for v in (*terms.as_dict().values(), total)), grad_ok],
+                     index)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         sums += torch.stack([total.detach(), *(t.detach() for t in terms.as_dict().values())])
         n_batches += 1
+    watch.raise_if_bad(epoch)
     means = (sums / max(1, n_batches)).tolist()
     return {"total": means[0], **dict(zip(TERMS, means[1:]))}
 
@@ -190,11 +212,12 @@ def validate(model: CovarianceNet, val: SceneBatch, config: ExperimentConfig,
         totals += torch.stack([terms.total * size, terms.cov * size])
         k_hats.append(output.k_logits.argmax(-1) + 1)
         if start < config.n_val_localize:
-            blends.append(mats.blend)
+            blends.append(mats.blend.detach())
     k_hat = torch.cat(k_hats)
     n_localize = min(config.n_val_localize, val.size)
     located = val.select(slice(0, n_localize))
-    metrics = evaluate_covariances(torch.cat(blends)[:n_localize], k_hat[:n_localize], located,
+    metrics = evaluate_covariances(cov.LowRank.cat(blends).select(slice(0, n_localize)),
+                                   k_hat[:n_localize], located,
                                    deployment, config)
     val_loss, val_nmse = (totals / val.size).tolist()
     return {"val_loss": val_loss, "val_nmse": val_nmse, **metrics}
