@@ -105,6 +105,49 @@ def run(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No live progress line (for logs).")
     ] = False,
+    checkpoint_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint-dir",
+            envvar="HPO_CHECKPOINT_DIR",
+            file_okay=False,
+            help="Where trials checkpoint every epoch, so a retried trial resumes; on several "
+            "nodes a path they all share [default: runs/checkpoints].",
+            show_default=False,
+        ),
+    ] = None,
+    keep_checkpoints: Annotated[
+        int,
+        typer.Option(
+            "--keep-checkpoints", help="Final checkpoints of the best complete trials to keep."
+        ),
+    ] = 3,
+    heartbeat_interval: Annotated[
+        int,
+        typer.Option(
+            "--heartbeat-interval",
+            envvar="HPO_HEARTBEAT_INTERVAL",
+            help="Seconds between a running trial's heartbeats (the same on every node).",
+        ),
+    ] = 20,
+    grace_period: Annotated[
+        int,
+        typer.Option(
+            "--grace-period",
+            envvar="HPO_GRACE_PERIOD",
+            help="Seconds without a heartbeat after which a trial's worker counts as dead and "
+            "the trial is retried.",
+        ),
+    ] = 300,
+    reconnect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--reconnect-timeout",
+            envvar="HPO_RECONNECT_TIMEOUT",
+            help="Seconds a worker waits for a lost store (e.g. a restarting server) before "
+            "giving up.",
+        ),
+    ] = 300.0,
 ) -> None:
     """Run trials until the study holds --trials finished ones."""
     import optuna
@@ -115,6 +158,7 @@ def run(
         OBJECTIVES,
         PRUNERS,
         SAMPLERS,
+        RequeueStaleTrial,
         StudyError,
         StudySettings,
         count_trials,
@@ -130,6 +174,18 @@ def run(
         fail(f"--trials must be >= 1, but got {trials}", EXIT_USAGE)
     if epochs is not None and epochs < 1:
         fail(f"--epochs must be >= 1, but got {epochs}", EXIT_USAGE)
+    if keep_checkpoints < 0:
+        fail(f"--keep-checkpoints must be >= 0, but got {keep_checkpoints}", EXIT_USAGE)
+    if heartbeat_interval < 1:
+        fail(f"--heartbeat-interval must be >= 1, but got {heartbeat_interval}", EXIT_USAGE)
+    if grace_period < 2 * heartbeat_interval:
+        fail(
+            f"--grace-period must be at least twice --heartbeat-interval ({heartbeat_interval}), "
+            f"but got {grace_period}",
+            EXIT_USAGE,
+        )
+    if reconnect_timeout < 0:
+        fail(f"--reconnect-timeout must be >= 0, but got {reconnect_timeout}", EXIT_USAGE)
     _choice("--objective", objective, OBJECTIVES)
     _choice("--pruner", pruner, PRUNERS)
     _choice("--sampler", sampler, SAMPLERS)
@@ -156,7 +212,12 @@ def run(
             epochs=base.epochs,
         )
         name = study or f"ris-{preset}"
-        store = open_storage(location)
+        store = open_storage(
+            location,
+            stale_trial_callback=RequeueStaleTrial(),
+            heartbeat_interval_s=heartbeat_interval,
+            grace_period_s=grace_period,
+        )
         the_study = create_or_load_study(
             store, name, settings, budget=trials, space=search_space.to_dict()
         )
@@ -165,6 +226,7 @@ def run(
 
     before = count_trials(the_study.get_trials(deepcopy=False))
     log_dir = Path("runs") / f"hpo-{name}"
+    checkpoints = (checkpoint_dir or Path("runs") / "checkpoints").absolute()
     if not quiet:
         kind = slots[0].device
         where = (
@@ -175,7 +237,7 @@ def run(
         )
         typer.echo(
             f"study {name!r} in {location.describe()}: {before.finished}/{trials} finished; "
-            f"{where}; worker logs in {log_dir}/",
+            f"{where}; worker logs in {log_dir}/; checkpoints in {checkpoints}/",
             err=True,
         )
     spec = WorkerSpec(
@@ -192,6 +254,11 @@ def run(
         threads=1,
         index=0,
         parent_pid=os.getpid(),
+        checkpoint_dir=str(checkpoints),
+        keep_checkpoints=keep_checkpoints,
+        heartbeat_interval_s=heartbeat_interval,
+        grace_period_s=grace_period,
+        reconnect_s=reconnect_timeout,
     )
     launcher = Launcher(
         location=location,
@@ -203,7 +270,10 @@ def run(
         quiet=quiet,
         direction=settings.direction,
     )
-    result = launcher.run()
+    try:
+        result = launcher.run()
+    except StorageError as error:
+        fail(f"stopped: {error}", EXIT_INCOMPLETE)
     counts = result.counts
     best = f"; best {result.best.value:.5g} (trial {result.best.number})" if result.best else ""
     typer.echo(
@@ -246,6 +316,30 @@ def _open_study(storage: str | None, study: str | None) -> tuple[Any, Any]:
         fail(str(error), EXIT_USAGE)
 
 
+def _running_summary(trial: Any) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    return {
+        "number": trial.number,
+        "host": attrs.get("host"),
+        "pid": attrs.get("worker_pid"),
+        "epoch": max(trial.intermediate_values, default=0),  # last epoch reported
+        "retry_count": attrs.get("retry_count", 0),
+        "resumed_from_epoch": attrs.get("resumed_from_epoch"),
+        "device": attrs.get("device"),
+    }
+
+
+def _retry_summary(trial: Any) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    return {
+        "number": trial.number,
+        "retry_of": attrs.get("retry_of"),
+        "retry_count": attrs.get("retry_count", len(attrs.get("retry_chain", []))),
+        "resumed_from_epoch": attrs.get("resumed_from_epoch"),
+        "state": trial.state.name,
+    }
+
+
 def _trial_summary(trial: Any) -> dict[str, Any]:
     return {"value": trial.value, "number": trial.number, "params": trial.params}
 
@@ -256,10 +350,18 @@ def status(
     study: ExistingStudyOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show the study's trial counts against its budget, and its best trial."""
+    """Show the study's trial counts against its budget, its best trial, what runs on each
+    host (trial, worker pid, epoch), and the retried trials with the epoch each resumed from."""
     from optuna.trial import TrialState
 
-    from hpo._study import ATTR_BUDGET, ATTR_FAIL_REASON, best_trial, count_trials, study_settings
+    from hpo._study import (
+        ATTR_BUDGET,
+        ATTR_FAIL_REASON,
+        ATTR_VOID,
+        best_trial,
+        count_trials,
+        study_settings,
+    )
 
     location, the_study = _open_study(storage, study)
     trials = the_study.get_trials(deepcopy=False)
@@ -271,8 +373,13 @@ def status(
     failures = [
         {"number": t.number, "reason": t.user_attrs.get(ATTR_FAIL_REASON, "no heartbeat (stale)")}
         for t in trials
-        if t.state == TrialState.FAIL
+        if t.state == TrialState.FAIL and ATTR_VOID not in t.user_attrs
     ]
+    running = [_running_summary(t) for t in trials if t.state == TrialState.RUNNING]
+    retries = [_retry_summary(t) for t in trials if "retry_of" in t.user_attrs]
+    hosts: dict[str, list[dict[str, Any]]] = {}
+    for entry in running:
+        hosts.setdefault(entry["host"] or "?", []).append(entry)
     if as_json:
         payload = {
             "study": the_study.study_name,
@@ -287,9 +394,13 @@ def status(
                 "requeued": counts.requeued,
                 "running": counts.running,
                 "waiting": counts.waiting,
+                "void": counts.void,
             },
             "best": _trial_summary(best) if best else None,
             "failures": failures,
+            "running": running,
+            "hosts": {host: len(entries) for host, entries in hosts.items()},
+            "retries": retries,
         }
         typer.echo(json.dumps(payload))
         return
@@ -310,6 +421,25 @@ def status(
         typer.echo(f"  params: {_format_params(best.params)}")
     else:
         typer.echo("  best: no complete trial yet")
+    epochs = f"/{settings.epochs}" if settings else ""
+    for host, entries in sorted(hosts.items()):
+        typer.echo(f"  running on {host}:")
+        for entry in entries:
+            retry = (
+                f", retry {entry['retry_count']} resumed after epoch {entry['resumed_from_epoch']}"
+                if entry["retry_count"]
+                else ""
+            )
+            typer.echo(
+                f"    trial {entry['number']}: worker pid {entry['pid']}, epoch "
+                f"{entry['epoch']}{epochs}{retry}"
+            )
+    for entry in retries[-5:]:
+        typer.echo(
+            f"  trial {entry['number']} retries trial {entry['retry_of']} (retry "
+            f"{entry['retry_count']}), resumed after epoch {entry['resumed_from_epoch']}: "
+            f"{entry['state']}"
+        )
     for failure in failures[-5:]:
         typer.echo(f"  failed trial {failure['number']}: {failure['reason']}")
 

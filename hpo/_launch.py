@@ -3,8 +3,16 @@
 Workers are fresh interpreters (`python -m hpo._worker`, never a fork), each in its own session so
 the launcher alone decides how a Ctrl-C reaches them: it forwards SIGINT, waits for every worker to
 record its trial (FAIL, re-queued), and kills what is left after `STOP_GRACE_S`. A worker that
-dies is replaced (at most `max_replacements` times); its trial is recorded as FAIL with the exit
-status as the reason and counts, since the trial may be what killed it.
+dies (kill -9, the out-of-memory killer, a crash) is replaced (at most `max_replacements` times);
+its trial is recorded as FAIL with the exit status as the reason and re-queued with the same
+parameters, so its retry resumes from the dead trial's last checkpoint. A trial that keeps killing
+its worker is given up after `MAX_RETRIES` tries and then counts.
+
+Several launchers (nodes) may share a study. Each one runs until the study holds the budget of
+finished trials: when its workers see the budget taken but trials of other nodes are still
+running, it waits, and every heartbeat interval fails and re-queues trials whose heartbeat stopped
+(a node that vanished), then starts workers again for them. Store reads and writes are retried
+while the store is away (a PostgreSQL restart), for `reconnect_s` at most.
 """
 
 from __future__ import annotations
@@ -27,11 +35,13 @@ from hpo._study import (
     StudyCounts,
     best_trial,
     count_trials,
+    fail_stale_trials,
     fail_trial,
+    prune_checkpoints,
     stale_local_trials,
 )
-from hpo._worker import EXIT_DONE, EXIT_INTERRUPTED, EXIT_RECYCLE, WorkerSpec
-from storage import StoreLocation, redact
+from hpo._worker import EXIT_DONE, EXIT_RECYCLE, WorkerSpec
+from storage import Reconnect, StoreLocation, redact
 
 STOP_GRACE_S = 20.0  # after a Ctrl-C, how long workers get to record their trials
 POLL_S = 0.2
@@ -181,6 +191,8 @@ class Launcher:
         self._last_line = ""
         self._last_key: list[str] = []
         self._last_print = 0.0
+        self._last_stale_check = time.monotonic()
+        self.retry = Reconnect(location, deadline_s=spec.reconnect_s)
 
     # ------------------------------------------------------------------------------- the loop
 
@@ -204,17 +216,22 @@ class Launcher:
                     workers = []
                     break
                 workers, gave_up = self._reap(workers)
+                if gave_up:
+                    break
+                self._check_stale(workers)
                 if not workers:
-                    # Done when every slot is taken; trials still running belong to other
-                    # launchers (another node, another terminal) and finish on their own.
-                    if gave_up or self._counts().used >= self.spec.budget:
+                    counts = self._counts()
+                    if counts.finished >= self.spec.budget:
                         break
-                    # Trials re-queued after the workers saw a full budget: run them.
-                    if self._replacements >= self.max_replacements:
-                        gave_up = "the budget is not used up and no worker restarts are left"
-                        break
-                    self._replacements += 1
-                    workers = [self._start(slot) for slot in self.slots]
+                    # Slots free again (re-queued trials, or claims that saw a full budget and
+                    # were then voided or failed): run them. Otherwise the rest is running on
+                    # other nodes: wait for it to finish or to go stale.
+                    if counts.used < self.spec.budget or counts.waiting:
+                        if self._replacements >= self.max_replacements:
+                            gave_up = "the budget is not used up and no worker restarts are left"
+                            break
+                        self._replacements += 1
+                        workers = [self._start(slot) for slot in self.slots]
                 self._progress(started, finished_before)
                 time.sleep(POLL_S)
         finally:
@@ -223,10 +240,13 @@ class Launcher:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         self._recover_orphans("its worker was gone when hpo run ended")
+        self._prune_checkpoints()
         self._progress(started, finished_before, force=True)
         if not self.quiet and self.out.isatty():
             self.out.write("\n")
-        trials = self.study.get_trials(deepcopy=False)
+        trials = self.retry(
+            lambda: self.study.get_trials(deepcopy=False), "reading the study's trials"
+        )
         return LaunchResult(
             counts=count_trials(trials),
             budget=self.spec.budget,
@@ -290,10 +310,12 @@ class Launcher:
                 how = _describe_exit(code)
                 last = _last_line(worker.log_path)
                 self._deaths.append(f"worker {worker.slot.index} pid {worker.process.pid} {how}")
+                # Re-queued whatever the cause: a retry resumes from the trial's checkpoint, and a
+                # trial that keeps killing its worker stops being retried after MAX_RETRIES.
                 self._fail_trials_of(
                     worker.process.pid,
                     f"worker process {worker.process.pid} {how}" + (f": {last}" if last else ""),
-                    requeue=code == EXIT_INTERRUPTED,
+                    requeue=True,
                 )
                 if self._replacements < self.max_replacements:
                     self._replacements += 1
@@ -354,18 +376,57 @@ class Launcher:
     # ----------------------------------------------------------------------------- the store
 
     def _counts(self) -> StudyCounts:
-        return count_trials(self.study.get_trials(deepcopy=False))
+        return count_trials(
+            self.retry(lambda: self.study.get_trials(deepcopy=False), "counting trials")
+        )
 
     def _fail_trials_of(self, pid: int, reason: str, *, requeue: bool) -> None:
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.user_attrs.get(ATTR_WORKER_PID) == pid:
-                fail_trial(self.study, trial._trial_id, redact(reason), requeue=requeue)
+        def fail() -> None:
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            for trial in running:
+                if trial.user_attrs.get(ATTR_WORKER_PID) == pid:
+                    fail_trial(self.study, trial._trial_id, redact(reason), requeue=requeue)
 
-    def _recover_orphans(self, why: str) -> None:
-        """RUNNING trials of this host whose worker process is gone: FAIL and re-queue them."""
-        for trial in stale_local_trials(self.study, _worker_alive):
-            pid = trial.user_attrs.get(ATTR_WORKER_PID)
-            fail_trial(self.study, trial._trial_id, f"{why} (pid {pid})", requeue=True)
+        self.retry(fail, f"recording the trial of worker pid {pid}")
+
+    def _recover_orphans(self, why: str, own: frozenset[int] = frozenset()) -> None:
+        """RUNNING trials of this host whose worker process is gone: FAIL and re-queue them.
+        Workers in `own` are this launcher's, which `_reap` records with their exit status."""
+
+        def alive(pid: int) -> bool:
+            return pid in own or _worker_alive(pid)
+
+        def recover() -> None:
+            for trial in stale_local_trials(self.study, alive):
+                pid = trial.user_attrs.get(ATTR_WORKER_PID)
+                fail_trial(self.study, trial._trial_id, f"{why} (pid {pid})", requeue=True)
+
+        self.retry(recover, "re-queueing trials of dead workers")
+
+    def _check_stale(self, workers: list[_Worker]) -> None:
+        """Every heartbeat interval: re-queue trials of vanished workers, here or on any node."""
+        now = time.monotonic()
+        if now - self._last_stale_check < self.spec.heartbeat_interval_s:
+            return
+        self._last_stale_check = now
+        own = frozenset(w.process.pid for w in workers)
+        self._recover_orphans("its worker was gone", own)
+        stale = self.retry(lambda: fail_stale_trials(self.study), "failing stale trials")
+        if stale:
+            self._say(f"re-queued trial(s) {', '.join(map(str, stale))}: no heartbeat")
+
+    def _prune_checkpoints(self) -> None:
+        if self.spec.checkpoint_dir is None:
+            return
+        try:
+            self.retry(
+                lambda: prune_checkpoints(
+                    self.study, Path(self.spec.checkpoint_dir), keep=self.spec.keep_checkpoints
+                ),
+                "pruning checkpoints",
+            )
+        except Exception as e:  # noqa: BLE001  (disk housekeeping must not fail the run)
+            self._say(f"warning: could not prune checkpoints: {e}")
 
     # ------------------------------------------------------------------------------ progress
 
@@ -384,7 +445,10 @@ class Launcher:
         if not force and now - self._last_print < (1.0 if tty else 2.0):
             return
         self._last_print = now
-        trials = self.study.get_trials(deepcopy=False)
+        try:
+            trials = self.study.get_trials(deepcopy=False)
+        except Exception:  # noqa: BLE001  (the store is away: the next poll shows progress)
+            return
         line = format_progress(
             count_trials(trials),
             self.spec.budget,

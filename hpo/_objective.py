@@ -4,21 +4,42 @@ The objective is computed from validation metrics only, never from the training 
 not depend on any searched loss weight: `composite` is the localization score of SYSTEM.md §5
 (lower is better), `nmse` the validation covariance NMSE. A trial's value is the objective at its
 last epoch (the model it ends with; the cosine schedule makes that the intended end point).
+
+With a checkpoint directory, training saves its state after every epoch and resumes from what is
+there: a retried trial (a NEW trial with the same parameters) first reports the epochs of the
+checkpoint's history as its own intermediate values 1..k, then trains and reports k+1 onwards.
+So every trial's intermediate values are one per epoch with no step twice, whether it resumed or
+not; `resumed_from_epoch` says how many came from the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
 
-from pipeline import EpochMetrics, ExperimentConfig, NumericalError, train
+from pipeline import (
+    CheckpointError,
+    EpochMetrics,
+    ExperimentConfig,
+    NumericalError,
+    load_checkpoint,
+    train,
+)
+
+_logger = logging.getLogger(__name__)
+# The file pipeline.train writes in its checkpoint_dir each epoch (pipeline._train.CHECKPOINT_NAME;
+# run_trial checks that train resumed from the epoch read here).
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def objective_value(metrics: EpochMetrics, objective: str) -> float:
@@ -39,6 +60,8 @@ class TrialRun:
     reason: str | None = None  # why it failed or was pruned
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0  # wall time inside pipeline.train
+    resumed_from_epoch: int = 0  # epochs restored from a checkpoint (0: trained from scratch)
+    checkpoint: Path | None = None  # the last epoch's checkpoint file
 
 
 class NonFiniteObjective(ArithmeticError):
@@ -52,40 +75,78 @@ def run_trial(
     device: torch.device,
     objective: str,
     guard: Callable[[], Any] | None = None,
+    checkpoint_dir: Path | None = None,
+    store: Callable[[Callable[[], Any], str], Any] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> TrialRun:
     """Train `config`, report the objective each epoch, prune when the pruner says so.
 
     `guard` is entered around each epoch's reporting (the worker uses it to hold off signals
-    while the store is written). Numerical failures and CUDA out-of-memory end the trial as FAIL
-    with their reason; anything raised by `guard` or a KeyboardInterrupt-like BaseException
-    propagates to the caller.
+    while the store is written); `store(fn, what)` runs each group of store writes (the worker
+    retries them while the store is away). With `checkpoint_dir`, training checkpoints there every
+    epoch and resumes from a checkpoint of the same config found there; `on_resume(epoch)` is
+    called first with the epoch it resumes after (0 for a fresh start). Numerical failures and CUDA
+    out-of-memory end the trial as FAIL with their reason; anything raised by `guard` or `store`
+    or a KeyboardInterrupt-like BaseException propagates to the caller.
     """
     history: list[dict[str, Any]] = []
+    write = store or (lambda fn, what: fn())
 
-    def on_epoch_end(metrics: EpochMetrics) -> None:
+    def record(metrics: EpochMetrics, *, live: bool) -> None:
         value = objective_value(metrics, objective)
-        with guard() if guard else contextlib.nullcontext():
-            history.append(metrics.to_dict())
+        history.append(metrics.to_dict())
+
+        def send() -> bool:
             trial.set_user_attr("history", history)
             if not math.isfinite(value):
-                raise NonFiniteObjective(
-                    f"objective {objective} is {value} at epoch {metrics.epoch}"
-                )
+                return False
             trial.report(value, metrics.epoch)
             # After the last epoch there is no training left to save: the trial completes.
-            if metrics.epoch < config.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
+            return metrics.epoch < config.epochs and live and trial.should_prune()
+
+        with guard() if guard else contextlib.nullcontext():
+            prune = write(send, f"reporting epoch {metrics.epoch} of trial {trial.number}")
+        if not math.isfinite(value):
+            raise NonFiniteObjective(f"objective {objective} is {value} at epoch {metrics.epoch}")
+        if prune:
+            raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
 
     started = time.perf_counter()
+    resumed = _restorable(checkpoint_dir, config)
 
     def ended(state: optuna.trial.TrialState, **kwargs: Any) -> TrialRun:
         return TrialRun(
-            state, history=history, train_seconds=time.perf_counter() - started, **kwargs
+            state,
+            history=history,
+            train_seconds=time.perf_counter() - started,
+            resumed_from_epoch=len(resumed),
+            **kwargs,
         )
 
     fail = optuna.trial.TrialState.FAIL
     try:
-        result = train(config, device=device, on_epoch_end=on_epoch_end)
+        if on_resume is not None:
+            on_resume(len(resumed))
+        for metrics in resumed:  # what the checkpoint holds becomes this trial's epochs 1..k
+            record(metrics, live=False)
+        if resumed and len(resumed) < config.epochs:
+            # The pruner sees the restored curve before training goes on.
+            with guard() if guard else contextlib.nullcontext():
+                prune = write(trial.should_prune, f"asking the pruner for trial {trial.number}")
+            if prune:
+                raise optuna.TrialPruned(f"pruned at epoch {len(resumed)}")
+        result = train(
+            config,
+            device=device,
+            on_epoch_end=lambda metrics: record(metrics, live=True),
+            checkpoint_dir=checkpoint_dir,
+            resume=bool(resumed),
+        )
+        if result.resumed_from_epoch != len(resumed):
+            raise CheckpointError(
+                f"training resumed after epoch {result.resumed_from_epoch}, but the checkpoint "
+                f"read before it holds {len(resumed)} epochs"
+            )
     except optuna.TrialPruned as e:
         return ended(optuna.trial.TrialState.PRUNED, reason=str(e))
     except NumericalError as e:
@@ -97,7 +158,31 @@ def run_trial(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return ended(fail, reason=f"CUDA out of memory: {lines[0] if lines else ''}".strip())
+    except CheckpointError as e:
+        return ended(fail, reason=f"CheckpointError: {e}")
     final = objective_value(result.final, objective)
     if not math.isfinite(final):
         return ended(fail, reason=f"NonFiniteObjective: objective {objective} is {final}")
-    return ended(optuna.trial.TrialState.COMPLETE, value=final)
+    return ended(optuna.trial.TrialState.COMPLETE, value=final, checkpoint=result.checkpoint_path)
+
+
+def _restorable(checkpoint_dir: Path | None, config: ExperimentConfig) -> list[EpochMetrics]:
+    """The epochs saved in `checkpoint_dir` for `config` (empty: start from scratch). A checkpoint
+    that cannot be read or holds another config is moved aside, never trained on."""
+    if checkpoint_dir is None:
+        return []
+    path = checkpoint_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return []
+    try:
+        state = load_checkpoint(path, "cpu")
+        if state["config"] != config:
+            raise CheckpointError(f"{path} holds another config")
+        history = [EpochMetrics(**m) for m in state["history"]]
+        if [m.epoch for m in history] != list(range(1, state["epoch"] + 1)):
+            raise CheckpointError(f"{path}: history does not match epoch {state['epoch']}")
+    except (CheckpointError, KeyError, TypeError) as e:
+        _logger.warning("not resuming from %s (%s); starting from scratch", path, e)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return []
+    return history

@@ -9,15 +9,27 @@ A trial that failed because its run was interrupted (Ctrl-C, a worker that vanis
 as a new WAITING trial with the same parameters and no longer counts; the re-queued copy counts
 once it runs. RUNNING trials count as the slot they will fill. A worker claims a trial with
 `claim_trial`, which counts and creates under a store-wide lock, so the total never overshoots.
+A claim whose lock was lost on the way (a PostgreSQL restart ends the session holding it) is
+voided: its trial is marked FAIL with `void_reason`, counts nowhere, and the claim starts over.
+
+Retries resume: a re-queued trial trains in the checkpoint directory of the first trial of its
+chain (`checkpoint_dir_for`), so it continues from the last epoch its predecessor saved.
+`prune_checkpoints` keeps the directories still needed (unfinished chains) and the final
+checkpoints of the best `keep` COMPLETE trials, and deletes the rest.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import shutil
 import socket
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -25,6 +37,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from storage import store_lock
+
+_logger = logging.getLogger(__name__)
 
 OBJECTIVES: dict[str, str] = {"composite": "minimize", "nmse": "minimize"}  # name -> direction
 PRUNERS = ("hyperband", "median", "none")
@@ -36,9 +50,18 @@ ATTR_SETTINGS = "hpo_settings"  # study: StudySettings as a dict
 ATTR_BUDGET = "hpo_budget"  # study: the last --trials
 ATTR_SPACE = "hpo_space"  # study: the last search space
 ATTR_RETRY_OF = "retry_of"  # trial: number of the interrupted trial it repeats
+ATTR_RETRY_CHAIN = "retry_chain"  # trial: numbers of the trials it repeats, first one first
+ATTR_RETRY_COUNT = "retry_count"  # trial: how many times its parameters were tried before
+ATTR_RESUMED_FROM = "resumed_from_epoch"  # trial: last epoch of the checkpoint it started from
+ATTR_CHECKPOINT = "checkpoint"  # trial: its final checkpoint file (COMPLETE trials)
 ATTR_FAIL_REASON = "fail_reason"  # trial: why it failed
+ATTR_VOID = "void_reason"  # trial: a claim undone because its lock was lost; counts nowhere
 ATTR_WORKER_PID = "worker_pid"
-ATTR_HOST = "host"
+ATTR_HOST = "host"  # trial: the node its worker ran on (node_name())
+ATTR_BOOT_ID = "boot_id"  # trial: the kernel boot of that node (tells same-named nodes apart)
+HOST_ENV_VAR = "HPO_HOST"  # names this node in the store [default: the hostname]
+ATTR_CLAIMED_UNIX = "claimed_unix"  # trial: wall clock (s since the epoch) when it was claimed
+HALF_CLAIM_AGE_S = 120.0  # a RUNNING trial never tagged by its claimer after this long is void
 
 
 class StudyError(Exception):
@@ -70,6 +93,7 @@ class StudyCounts:
     requeued: int  # FAIL trials replaced by a WAITING retry
     running: int
     waiting: int
+    void: int = 0  # claims undone after a lost lock (FAIL, never counted)
 
     @property
     def finished(self) -> int:
@@ -205,8 +229,11 @@ def count_trials(trials: Sequence[FrozenTrial]) -> StudyCounts:
     requeued = _requeued_numbers(trials)
     by_state = {state: 0 for state in TrialState}
     n_requeued = 0
+    n_void = 0
     for trial in trials:
-        if trial.state == TrialState.FAIL and trial.number in requeued:
+        if trial.state == TrialState.FAIL and ATTR_VOID in trial.user_attrs:
+            n_void += 1
+        elif trial.state == TrialState.FAIL and trial.number in requeued:
             n_requeued += 1
         else:
             by_state[trial.state] += 1
@@ -217,6 +244,7 @@ def count_trials(trials: Sequence[FrozenTrial]) -> StudyCounts:
         requeued=n_requeued,
         running=by_state[TrialState.RUNNING],
         waiting=by_state[TrialState.WAITING],
+        void=n_void,
     )
 
 
@@ -230,24 +258,95 @@ def claim_trial(study: optuna.Study, budget: int) -> optuna.Trial | None:
     Runs under the store lock: stale trials are failed (and re-queued) first, then the count and
     the creation happen with no other claim in between. A WAITING (re-queued) trial is taken
     before a new one is sampled. The trial is tagged with this process and host, and gets its
-    first heartbeat, before the lock is released.
+    first heartbeat, before the lock is released. If the lock turns out to have been lost (or any
+    step after the creation fails), the new trial is voided and the error propagates: the caller
+    retries the whole claim (storage.Reconnect does).
     """
     storage = study._storage  # Optuna has no public accessor
-    with store_lock(_rdb(storage), study._study_id), warnings.catch_warnings():
-        # Optuna flags fail_stale_trials as experimental and warns that heartbeats are meant for
-        # optimize(); here they are recorded around ask/tell on purpose (see the worker).
+    with store_lock(_rdb(storage), study._study_id) as lease, warnings.catch_warnings():
+        # Heartbeats are recorded around ask/tell on purpose (see the worker); Optuna warns that
+        # they are meant for optimize().
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        optuna.storages.fail_stale_trials(study)
+        _fail_stale_locked(study)
+        _void_half_claims(study)
         if study_counts(study).used >= budget:
             return None
         trial = study.ask()
-        trial.set_user_attr(ATTR_WORKER_PID, os.getpid())
-        trial.set_user_attr(ATTR_HOST, socket.gethostname())
-        rdb = _rdb(storage)
-        if rdb.heartbeat_interval:
-            rdb.record_heartbeat(trial._trial_id)
+        try:
+            rdb = _rdb(storage)
+            if rdb.heartbeat_interval:  # first: from now on a vanished claimer is detected
+                rdb.record_heartbeat(trial._trial_id)
+            trial.set_user_attr(ATTR_WORKER_PID, os.getpid())
+            trial.set_user_attr(ATTR_HOST, node_name())
+            trial.set_user_attr(ATTR_BOOT_ID, _boot_id())
+            trial.set_user_attr(ATTR_CLAIMED_UNIX, time.time())  # last: the claim is complete
+            lease.check()
+        except BaseException as error:
+            _void(study, trial._trial_id, f"claim not confirmed: {type(error).__name__}")
+            raise
         return trial
+
+
+def _void(study: optuna.Study, trial_id: int, reason: str) -> None:
+    """Undo a claim: FAIL the trial with `void_reason` (counted nowhere); a retry it had taken off
+    the queue goes back on it. Best effort: if the store is away, the trial's heartbeat (or the
+    half-claim sweep) ends it later."""
+    storage = study._storage
+    try:
+        trial = storage.get_trial(trial_id)
+        storage.set_trial_user_attr(trial_id, ATTR_VOID, reason)
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return
+        if ATTR_RETRY_OF in trial.user_attrs:
+            keys = (ATTR_RETRY_OF, ATTR_RETRY_CHAIN, ATTR_RETRY_COUNT)
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.WAITING,
+                    params=trial.params,
+                    distributions=trial.distributions,
+                    user_attrs={k: trial.user_attrs[k] for k in keys if k in trial.user_attrs},
+                )
+            )
+    except Exception as e:  # noqa: BLE001  (see the docstring)
+        _logger.warning("could not void trial id %d: %s", trial_id, e)
+
+
+def _void_half_claims(study: optuna.Study) -> None:
+    """Under the lock: RUNNING trials whose claim never completed (the store went away between
+    creating and tagging them) may have no heartbeat and would stay RUNNING forever; void them."""
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if ATTR_CLAIMED_UNIX in trial.user_attrs or trial.datetime_start is None:
+            continue
+        # datetime_start is naive UTC (every process runs with TZ=UTC)
+        started = trial.datetime_start.replace(tzinfo=datetime.UTC).timestamp()
+        if now - started > HALF_CLAIM_AGE_S:
+            _void(study, trial._trial_id, "claimed but never started (the store went away)")
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """FAIL (and re-queue) the RUNNING trials whose heartbeat stopped; their numbers."""
+    with store_lock(_rdb(study._storage), study._study_id):
+        return _fail_stale_locked(study)
+
+
+def _fail_stale_locked(study: optuna.Study) -> list[int]:
+    rdb = _rdb(study._storage)
+    if not rdb.heartbeat_interval:
+        return []
+    failed = []
+    # Optuna's fail_stale_trials records no reason; this one says whose heartbeat stopped.
+    for trial_id in rdb._get_stale_trial_ids(study._study_id):
+        trial = rdb.get_trial(trial_id)
+        reason = (
+            f"no heartbeat for {rdb.grace_period} s (worker pid "
+            f"{trial.user_attrs.get(ATTR_WORKER_PID)} on {trial.user_attrs.get(ATTR_HOST)}); "
+            "re-queued"
+        )
+        if _fail_locked(study, trial_id, reason, requeue=True):
+            failed.append(trial.number)
+    return failed
 
 
 def fail_trial(study: optuna.Study, trial_id: int, reason: str, *, requeue: bool) -> bool:
@@ -256,43 +355,61 @@ def fail_trial(study: optuna.Study, trial_id: int, reason: str, *, requeue: bool
     Returns False if the trial had already finished. Runs under the store lock so a claim never
     sees the FAIL without its replacement.
     """
+    with store_lock(_rdb(study._storage), study._study_id) as lease:
+        done = _fail_locked(study, trial_id, reason, requeue=requeue)
+        lease.check()
+        return done
+
+
+def _fail_locked(study: optuna.Study, trial_id: int, reason: str, *, requeue: bool) -> bool:
     storage = study._storage
-    with store_lock(_rdb(storage), study._study_id):
-        trial = storage.get_trial(trial_id)
-        if trial.state.is_finished():
+    trial = storage.get_trial(trial_id)
+    if trial.state.is_finished():
+        # Already failed: a retry of this call after its commit was cut off still re-queues.
+        if requeue and trial.state == TrialState.FAIL and ATTR_VOID not in trial.user_attrs:
+            _enqueue_retry(study, trial)
+        return False
+    try:
+        storage.set_trial_user_attr(trial_id, ATTR_FAIL_REASON, reason)
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
             return False
-        try:
-            storage.set_trial_user_attr(trial_id, ATTR_FAIL_REASON, reason)
-            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                return False
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False
-        if requeue:
-            _enqueue_retry(study, storage.get_trial(trial_id))
-        return True
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    if requeue:
+        _enqueue_retry(study, storage.get_trial(trial_id))
+    return True
 
 
 def _retry_chain(trial: FrozenTrial) -> list[int]:
-    return list(trial.user_attrs.get("retry_chain", [])) + [trial.number]
+    return list(trial.user_attrs.get(ATTR_RETRY_CHAIN, [])) + [trial.number]
 
 
 def _enqueue_retry(study: optuna.Study, failed: FrozenTrial) -> bool:
+    """Queue a WAITING copy of `failed` (same params), unless its chain is long enough or a
+    copy is already queued. The FAIL of a trial not re-queued counts against the budget."""
     chain = _retry_chain(failed)
     if len(chain) > MAX_RETRIES:
         return False  # the FAIL counts: a trial that keeps being interrupted is given up
+    if failed.number in _requeued_numbers(study.get_trials(deepcopy=False)):
+        return False
     study.add_trial(
         optuna.trial.create_trial(
             state=TrialState.WAITING,
             params=failed.params,
             distributions=failed.distributions,
-            user_attrs={ATTR_RETRY_OF: failed.number, "retry_chain": chain},
+            user_attrs={
+                ATTR_RETRY_OF: failed.number,
+                ATTR_RETRY_CHAIN: chain,
+                ATTR_RETRY_COUNT: len(chain),
+            },
         )
     )
     return True
 
 
 class RequeueStaleTrial:
-    """Heartbeat-stale trial callback: re-queue it like an interrupted one (bounded)."""
+    """Heartbeat-stale trial callback, for Optuna's own `fail_stale_trials` (our claims use
+    `fail_stale_trials` here, which also records why): re-queue it like an interrupted one."""
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         _enqueue_retry(study, trial)
@@ -306,12 +423,78 @@ def _rdb(storage: Any) -> RDBStorage:
     return inner
 
 
+def node_name() -> str:
+    """This node's name in the store: $HPO_HOST, else the hostname."""
+    return os.environ.get(HOST_ENV_VAR) or socket.gethostname()
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def stale_local_trials(study: optuna.Study, alive: Any) -> list[FrozenTrial]:
-    """RUNNING trials started on this host by a worker process `alive(pid)` says is gone."""
-    host = socket.gethostname()
+    """RUNNING trials started on this node by a worker process `alive(pid)` says is gone. A
+    trial of another node with the same name (its kernel boot differs) is not this node's."""
+    host, boot = node_name(), _boot_id()
     gone = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = trial.user_attrs.get(ATTR_WORKER_PID)
-        if trial.user_attrs.get(ATTR_HOST) == host and pid is not None and not alive(pid):
+        attrs = trial.user_attrs
+        pid = attrs.get(ATTR_WORKER_PID)
+        if attrs.get(ATTR_HOST) != host or pid is None:
+            continue
+        if attrs.get(ATTR_BOOT_ID) not in (None, boot):
+            continue
+        if not alive(pid):
             gone.append(trial)
     return gone
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+
+def chain_root(trial: FrozenTrial | optuna.Trial) -> int:
+    """The number of the first trial of `trial`'s retry chain (its own number if not a retry)."""
+    attrs = trial.user_attrs
+    chain = attrs.get(ATTR_RETRY_CHAIN)
+    return int(chain[0]) if chain else trial.number
+
+
+def checkpoint_dir_for(root_dir: Path, study_name: str, root: int) -> Path:
+    """Where the trials of the chain starting at trial number `root` keep their checkpoints."""
+    return root_dir / study_name / f"trial-{root}"
+
+
+def prune_checkpoints(study: optuna.Study, root_dir: Path, *, keep: int) -> list[Path]:
+    """Delete the checkpoint directories no longer needed; the ones deleted.
+
+    Kept: chains with a trial not yet finished (or a FAIL whose retry is queued), and the final
+    checkpoints of the `keep` best COMPLETE trials. Safe to run from several processes at once.
+    """
+    base = root_dir / study.study_name
+    if not base.is_dir():
+        return []
+    trials = study.get_trials(deepcopy=False)
+    requeued = _requeued_numbers(trials)
+    needed: set[int] = set()
+    for trial in trials:
+        if not trial.state.is_finished() or trial.number in requeued:
+            needed.add(chain_root(trial))
+    settings = study_settings(study)
+    direction = settings.direction if settings else "minimize"
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    ranked = sorted(complete, key=lambda t: t.value, reverse=direction == "maximize")
+    needed.update(chain_root(t) for t in ranked[: max(keep, 0)])
+    removed = []
+    for path in base.glob("trial-*"):
+        try:
+            root = int(path.name.removeprefix("trial-"))
+        except ValueError:
+            continue
+        if root not in needed:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -9,6 +9,12 @@ Signals: SIGINT/SIGTERM during training end the trial at once (FAIL, re-queued w
 parameters), outside training they stop the loop after the current store write. A worker whose
 launcher disappears stops the same way, so no worker outlives its `hpo run`.
 
+Resuming: every trial trains in the checkpoint directory of its retry chain (checkpoint_dir/<study>/
+trial-<first number>), so a retry of a trial whose worker died continues after the last epoch
+that trial saved. The store may go away (a PostgreSQL restart): every store operation is retried
+with a bounded backoff (`reconnect_s` in all), and a trial whose store writes failed for good is
+left to its heartbeat, which lets another worker re-queue it.
+
 Exit codes: 0 budget used up, 75 recycled after `max_trials` trials (50) (the launcher starts a fresh
 process: memory does not creep across hundreds of trials), 130 interrupted, 1 unexpected error.
 """
@@ -27,6 +33,7 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 EXIT_DONE = 0
@@ -56,6 +63,11 @@ class WorkerSpec:
     index: int  # worker slot, for logs
     parent_pid: int  # the launcher; the worker stops when it is gone
     max_trials: int = 50  # trials before the process is recycled (costs one start-up, ~3 s)
+    checkpoint_dir: str | None = None  # absolute; shared by every node of the study
+    keep_checkpoints: int = 3  # final checkpoints of the best COMPLETE trials kept on disk
+    heartbeat_interval_s: int = 20  # storage.HEARTBEAT_INTERVAL_S
+    grace_period_s: int = 300  # storage.GRACE_PERIOD_S
+    reconnect_s: float = 300.0  # storage.RECONNECT_S: how long a lost store is waited for
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -180,7 +192,7 @@ class _Worker:
         from hpo._search_space import SearchSpace
         from hpo._study import RequeueStaleTrial, make_pruner, make_sampler
         from pipeline import preset, replace, resolve_device
-        from storage import HEARTBEAT_INTERVAL_S, open_storage, resolve_url
+        from storage import Reconnect, open_storage, resolve_url
 
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -188,13 +200,23 @@ class _Worker:
         self.spec = spec
         self.signals = signals
         self.location = resolve_url(None)  # $HPO_STORAGE, set by the launcher
-        self.storage = open_storage(self.location, stale_trial_callback=RequeueStaleTrial())
-        self.heartbeat_s = HEARTBEAT_INTERVAL_S
-        self.study = optuna.load_study(
-            study_name=spec.study,
-            storage=self.storage,
-            sampler=make_sampler(spec.sampler, spec.sampler_seed),
-            pruner=make_pruner(spec.pruner, spec.epochs),
+        self.retry = Reconnect(self.location, deadline_s=spec.reconnect_s)
+        self.storage = open_storage(
+            self.location,
+            stale_trial_callback=RequeueStaleTrial(),
+            heartbeat_interval_s=spec.heartbeat_interval_s,
+            grace_period_s=spec.grace_period_s,
+            patience_s=spec.reconnect_s,  # started while the server restarts: wait for it
+        )
+        self.heartbeat_s = spec.heartbeat_interval_s
+        self.study = self.retry(
+            lambda: optuna.load_study(
+                study_name=spec.study,
+                storage=self.storage,
+                sampler=make_sampler(spec.sampler, spec.sampler_seed),
+                pruner=make_pruner(spec.pruner, spec.epochs),
+            ),
+            "loading the study",
         )
         self.base = replace(preset(spec.preset), epochs=spec.epochs)
         self.space = SearchSpace.from_dict(spec.space)
@@ -215,7 +237,9 @@ class _Worker:
             if n_trials >= self.spec.max_trials:
                 _logger.info("recycling after %d trials", n_trials)
                 return EXIT_RECYCLE
-            trial = claim_trial(self.study, self.spec.budget)
+            trial = self.retry(
+                lambda: claim_trial(self.study, self.spec.budget), "claiming a trial"
+            )
             if trial is None:
                 _logger.info("budget of %d trials used up; exiting", self.spec.budget)
                 return EXIT_DONE
@@ -226,6 +250,22 @@ class _Worker:
                 _logger.error("%d unexpected trial errors in a row; giving up", n_errors)
                 return EXIT_ERROR
 
+    def _checkpoint_dir(self, trial: Any) -> Path | None:
+        from hpo._study import chain_root, checkpoint_dir_for
+
+        if self.spec.checkpoint_dir is None:
+            return None
+        return checkpoint_dir_for(
+            Path(self.spec.checkpoint_dir), self.spec.study, chain_root(trial)
+        )
+
+    def _set_attrs(self, trial: Any, attrs: dict[str, Any], what: str) -> None:
+        def write() -> None:
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+
+        self.retry(write, f"{what} of trial {trial.number}")
+
     def _run(self, trial: Any) -> bool:
         """Run one claimed trial to its recorded end. True if it failed unexpectedly."""
         from optuna.exceptions import UpdateFinishedTrialError
@@ -233,19 +273,35 @@ class _Worker:
 
         from hpo._objective import run_trial
         from hpo._search_space import suggest_config
-        from hpo._study import ATTR_FAIL_REASON, fail_trial
+        from hpo._study import (
+            ATTR_CHECKPOINT,
+            ATTR_FAIL_REASON,
+            ATTR_RESUMED_FROM,
+            ATTR_RETRY_COUNT,
+            fail_trial,
+        )
         from pipeline import config_to_dict
+        from storage import StorageError
 
         started = time.time()
         heartbeat = _Heartbeat(self.storage, trial._trial_id, self.heartbeat_s)
+        checkpoint_dir = self._checkpoint_dir(trial)
         try:
-            config = suggest_config(trial, self.space, self.base)
-            trial.set_user_attr("config", config_to_dict(config))
-            trial.set_user_attr("seed", config.seed)
-            trial.set_user_attr("worker_index", self.spec.index)
-            trial.set_user_attr("started_unix", started)
-            for key, value in self.device_info.items():
-                trial.set_user_attr(key, value)
+            config = self.retry(
+                lambda: suggest_config(trial, self.space, self.base), "suggesting parameters"
+            )
+            attrs: dict[str, Any] = {
+                "config": config_to_dict(config),
+                "seed": config.seed,
+                "worker_index": self.spec.index,
+                "started_unix": started,
+                **self.device_info,
+            }
+            if ATTR_RETRY_COUNT not in trial.user_attrs:
+                attrs[ATTR_RETRY_COUNT] = 0
+            if checkpoint_dir is not None:
+                attrs["checkpoint_dir"] = str(checkpoint_dir)
+            self._set_attrs(trial, attrs, "recording the start")
             _logger.info("trial %d: %s", trial.number, trial.params)
             with self.signals.armed():
                 run = run_trial(
@@ -254,48 +310,106 @@ class _Worker:
                     device=self.device,
                     objective=self.spec.objective,
                     guard=self.signals.held,
+                    checkpoint_dir=checkpoint_dir,
+                    store=self.retry,
+                    on_resume=lambda epoch: self._set_attrs(
+                        trial, {ATTR_RESUMED_FROM: epoch}, "recording the resume"
+                    ),
                 )
         except WorkerInterrupted as e:
             heartbeat.stop()
             reason = f"interrupted by {e} (worker pid {os.getpid()}); re-queued"
-            fail_trial(self.study, trial._trial_id, reason, requeue=True)
+            self.retry(
+                lambda: fail_trial(self.study, trial._trial_id, reason, requeue=True),
+                f"re-queueing trial {trial.number}",
+            )
             _logger.info("trial %d: %s", trial.number, reason)
+            raise
+        except UpdateFinishedTrialError:
+            heartbeat.stop()
+            # Declared stale (no heartbeat for the grace period) and failed by another process,
+            # which queued its retry: stop working on it.
+            _logger.warning("trial %d was finished by another process; dropping it", trial.number)
+            return False
+        except StorageError as e:
+            heartbeat.stop()
+            # The store stayed away past reconnect_s: the trial is left to its heartbeat.
+            _logger.error("trial %d: %s", trial.number, e)
             raise
         except Exception as e:  # noqa: BLE001  (recorded as the trial's failure reason)
             heartbeat.stop()
             _logger.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
             first = (str(e).strip().splitlines() or [""])[0]
-            trial.set_user_attr(ATTR_FAIL_REASON, f"{type(e).__name__}: {first}")
-            trial.set_user_attr("wall_time_s", time.time() - started)
-            self.study.tell(trial, state=TrialState.FAIL)
+            failed = {
+                ATTR_FAIL_REASON: f"{type(e).__name__}: {first}",
+                "wall_time_s": time.time() - started,
+            }
+            self._finish(trial, TrialState.FAIL, None, failed)
             return True
         heartbeat.stop()
-        trial.set_user_attr("wall_time_s", time.time() - started)
-        trial.set_user_attr("train_time_s", run.train_seconds)
+        attrs = {"wall_time_s": time.time() - started, "train_time_s": run.train_seconds}
         if run.history:
-            trial.set_user_attr("metrics", run.history[-1])
-        try:
-            if run.state == TrialState.COMPLETE:
-                self.study.tell(trial, run.value)
-            elif run.state == TrialState.PRUNED:
-                trial.set_user_attr("pruned_reason", run.reason)
-                self.study.tell(trial, state=TrialState.PRUNED)
+            attrs["metrics"] = run.history[-1]
+        if run.state == TrialState.COMPLETE and run.checkpoint is not None:
+            attrs[ATTR_CHECKPOINT] = str(run.checkpoint)
+        elif run.state == TrialState.PRUNED:
+            attrs["pruned_reason"] = run.reason
+        elif run.state == TrialState.FAIL:
+            attrs[ATTR_FAIL_REASON] = run.reason
+        recorded = self._finish(trial, run.state, run.value, attrs)
+        if recorded:
+            _logger.info(
+                "trial %d: %s%s%s in %.1f s",
+                trial.number,
+                run.state.name,
+                f" value {run.value:.5g}" if run.value is not None else f" ({run.reason})",
+                f", resumed after epoch {run.resumed_from_epoch}"
+                if run.resumed_from_epoch
+                else "",
+                time.time() - started,
+            )
+        self._prune_checkpoints(checkpoint_dir)
+        return False
+
+    def _finish(self, trial: Any, state: Any, value: float | None, attrs: dict[str, Any]) -> bool:
+        """Record the outcome (attributes, then the state); False if another process finished
+        the trial first (it went stale and was re-queued)."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        def tell() -> bool:
+            if self.storage.get_trial(trial._trial_id).state.is_finished():
+                return False  # a retry after a commit whose answer was lost, or a stale trial
+            for key, item in attrs.items():
+                trial.set_user_attr(key, item)
+            if state == TrialState.COMPLETE:
+                self.study.tell(trial, value)
             else:
-                trial.set_user_attr(ATTR_FAIL_REASON, run.reason)
-                self.study.tell(trial, state=TrialState.FAIL)
+                self.study.tell(trial, state=state)
+            return True
+
+        try:
+            return self.retry(tell, f"recording the end of trial {trial.number}")
         except UpdateFinishedTrialError:
-            # Another process declared it stale (no heartbeat for the grace period) and failed
-            # it; its retry is queued. Nothing to record here.
             _logger.warning("trial %d was already finished by another process", trial.number)
             return False
-        _logger.info(
-            "trial %d: %s%s in %.1f s",
-            trial.number,
-            run.state.name,
-            f" value {run.value:.5g}" if run.value is not None else f" ({run.reason})",
-            time.time() - started,
-        )
-        return False
+
+    def _prune_checkpoints(self, checkpoint_dir: Path | None) -> None:
+        from hpo._study import prune_checkpoints
+
+        if checkpoint_dir is None or self.spec.checkpoint_dir is None:
+            return
+        # The kept final checkpoints need no best-epoch copy: a trial's value is its last epoch.
+        (checkpoint_dir / "best.pt").unlink(missing_ok=True)
+        try:
+            self.retry(
+                lambda: prune_checkpoints(
+                    self.study, Path(self.spec.checkpoint_dir), keep=self.spec.keep_checkpoints
+                ),
+                "pruning checkpoints",
+            )
+        except Exception as e:  # noqa: BLE001  (disk housekeeping must not stop the study)
+            _logger.warning("could not prune checkpoints: %s", e)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from storage._errors import (
     StorageSchemaError,
     StorageUnreachableError,
 )
+from storage._retry import MAX_PAUSE_S
 from storage._url import StoreLocation, parse_url
 
 _logger = logging.getLogger(__name__)
@@ -62,12 +63,15 @@ def open_storage(
     backoff_s: float = CONNECT_BACKOFF_S,
     heartbeat_interval_s: int = HEARTBEAT_INTERVAL_S,
     grace_period_s: int = GRACE_PERIOD_S,
+    patience_s: float | None = None,
 ) -> RDBStorage:
     """Open (and with `create`, initialise) the Optuna store at `location`.
 
     With `create=False` a SQLite file that does not exist is a StorageMissingError instead of a
     new empty store (read-only commands must not leave files behind). `stale_trial_callback` runs
-    for each trial whose heartbeat stopped; the default re-queues it at most twice.
+    for each trial whose heartbeat stopped; the default re-queues it at most twice. An unreachable
+    PostgreSQL server is tried `retries` times, or with `patience_s` for that long (pauses capped at
+    MAX_PAUSE_S): a worker started while the server restarts waits for it.
     Raises a StorageError subclass with a one-line message for every failure a user can fix.
     """
     if isinstance(location, str):
@@ -75,7 +79,7 @@ def open_storage(
     if location.kind == "sqlite":
         engine_kwargs = _sqlite_engine_kwargs(location, create=create)
     else:
-        _probe_postgres(location, retries=retries, backoff_s=backoff_s)
+        _probe_postgres(location, retries=retries, backoff_s=backoff_s, patience_s=patience_s)
         engine_kwargs = _postgres_engine_kwargs()
     try:
         with warnings.catch_warnings():
@@ -149,23 +153,32 @@ def _postgres_engine_kwargs() -> dict[str, Any]:
     }
 
 
-def _probe_postgres(location: StoreLocation, *, retries: int, backoff_s: float) -> None:
+def _probe_postgres(
+    location: StoreLocation, *, retries: int, backoff_s: float, patience_s: float | None = None
+) -> None:
     """Connect once, so the failure is classified before Optuna wraps it; retry when it helps."""
+    started = time.monotonic()
     engine = sqlalchemy.create_engine(
         location.url,
         poolclass=sqlalchemy.pool.NullPool,
         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "application_name": "hpo"},
     )
     try:
-        for attempt in range(1, max(retries, 1) + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 with engine.connect():
                     return
             except sqlalchemy.exc.DBAPIError as e:
                 error = _translate(location, e.orig or e, attempts=attempt)
-            if not isinstance(error, StorageUnreachableError) or attempt >= retries:
+            pause = min(backoff_s * 2 ** (attempt - 1), MAX_PAUSE_S)
+            if patience_s is None:
+                more = attempt < retries
+            else:
+                more = time.monotonic() - started + pause <= patience_s
+            if not isinstance(error, StorageUnreachableError) or not more:
                 raise error from None
-            pause = backoff_s * 2 ** (attempt - 1)
             _logger.info("%s; retrying in %.1f s", error, pause)
             time.sleep(pause)
     finally:

@@ -266,8 +266,11 @@ def test_a_worker_that_dies_is_replaced_and_its_trial_recorded(tmp_path):
     assert proc.returncode == 0, err
     assert "starting a replacement" in err
     trials = trials_of(url, name)
-    assert count_trials(trials).finished == 3 and len(trials) == 3
+    # The killed trial is re-queued (its FAIL does not count) and its retry fills the slot.
+    assert count_trials(trials).finished == 3 and len(trials) == 4
     [killed] = [t for t in trials if t.user_attrs["worker_pid"] == pid]
     assert killed.state == TrialState.FAIL
     assert f"worker process {pid} was killed by SIGKILL" in killed.user_attrs["fail_reason"]
+    [retry] = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert retry.params == killed.params and retry.state in FINISHED
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
