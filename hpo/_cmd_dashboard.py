@@ -1,0 +1,55 @@
+"""`hpo dashboard`: optuna-dashboard on the study store, served from this process."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from hpo._app import app
+from hpo._cmd_study import EXIT_USAGE, StorageOption
+from hpo._common import fail
+
+
+@app.command()
+def dashboard(
+    storage: StorageOption = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; 0.0.0.0 for every interface.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")
+    ] = 8080,
+    study: Annotated[
+        str | None,
+        typer.Option("--study", help="Print the address of this study's page (it must exist)."),
+    ] = None,
+) -> None:
+    """Serve optuna-dashboard on the study store until Ctrl-C: live history, intermediate values
+    per epoch, importances, and each trial's config, metrics and failure reason."""
+    import optuna
+
+    from hpo._dashboard import DashboardError, bind, dashboard_app
+    from hpo._study import StudyError, load_existing_study
+    from storage import StorageError, open_storage, resolve_url
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        location = resolve_url(storage)
+        store = open_storage(location, create=False, heartbeat=False)
+        page = "/dashboard"
+        if study is not None:
+            the_study = load_existing_study(store, study)
+            page = f"/dashboard/studies/{the_study._study_id}"
+        server = bind(dashboard_app(store), host, port)
+    except (StorageError, StudyError, DashboardError) as error:
+        fail(str(error), EXIT_USAGE)
+    shown_host = f"[{host}]" if ":" in host else host
+    typer.echo(f"dashboard of {location.describe()}: http://{shown_host}:{port}{page}")
+    typer.echo("Ctrl-C to stop", err=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        typer.echo("stopped", err=True)
+    finally:
+        server.server_close()

@@ -1,0 +1,209 @@
+"""optuna-dashboard on the study store: a readable view of our attributes, and a server that
+fails in one line when it cannot listen.
+
+optuna-dashboard shows each user attribute as one text cell and cuts it at 1,024 characters
+(`optuna_dashboard._serializer.MAX_ATTR_LENGTH`). A trial's `config` (about 1,250 characters of
+JSON) and its per-epoch `history` would be shown cut mid-way, as invalid JSON. `ReadableStorage`
+wraps the store for the dashboard only and flattens nested attributes into one cell per field
+(`config.lr`, `metrics.composite`, `history.val_nmse` = one number per epoch), so every field is
+whole, and numeric ones become sortable columns of the trials table. Writes made from the
+dashboard (notes, `tell`) pass straight through. Nothing in the store is changed by the view.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import socket
+import socketserver
+from collections.abc import Container, Sequence
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from optuna.distributions import BaseDistribution
+from optuna.storages import BaseStorage
+from optuna.study import StudyDirection
+from optuna.study._frozen import FrozenStudy
+from optuna.trial import FrozenTrial, TrialState
+
+
+class DashboardError(Exception):
+    """The dashboard cannot be served as asked (e.g. the port is taken)."""
+
+
+def flatten_attrs(attrs: dict[str, Any], max_depth: int = 8) -> dict[str, Any]:
+    """Nested dicts become dotted keys; a list of dicts with the same keys becomes one list per
+    key (`history` -> `history.val_nmse: [..per epoch..]`). Other values are kept as they are.
+
+    `max_depth` bounds how many levels are opened (1: only the top-level dicts).
+    """
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any, depth: int) -> None:
+        if depth < max_depth and isinstance(value, dict) and value:
+            for key, item in value.items():
+                visit(f"{prefix}.{key}", item, depth + 1)
+            return
+        if depth < max_depth and _is_table(value):
+            for key in value[0]:
+                visit(f"{prefix}.{key}", [row[key] for row in value], depth + 1)
+            return
+        flat[prefix] = value
+
+    for key, value in attrs.items():
+        visit(key, value, 0)
+    return flat
+
+
+def _is_table(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(row, dict) for row in value)
+        and all(row.keys() == value[0].keys() for row in value)
+    )
+
+
+def _readable_trial(trial: FrozenTrial) -> FrozenTrial:
+    view = copy.copy(trial)
+    view.user_attrs = flatten_attrs(trial.user_attrs)
+    return view
+
+
+def _readable_study(study: FrozenStudy) -> FrozenStudy:
+    view = copy.copy(study)
+    view.user_attrs = flatten_attrs(study.user_attrs, max_depth=1)
+    return view
+
+
+class ReadableStorage(BaseStorage):
+    """A view of `inner` whose trials and studies carry flattened user attributes.
+
+    Every method delegates to `inner`; the readers of trials and studies flatten what they
+    return. Used for display only: samplers never see this view.
+    """
+
+    def __init__(self, inner: BaseStorage) -> None:
+        self._inner = inner
+
+    # --- readers that reshape
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return _readable_trial(self._inner.get_trial(trial_id))
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        trials = self._inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        return [_readable_trial(trial) for trial in trials]
+
+    def get_all_studies(self) -> list[FrozenStudy]:
+        return [_readable_study(study) for study in self._inner.get_all_studies()]
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return flatten_attrs(self._inner.get_study_user_attrs(study_id), max_depth=1)
+
+    # --- everything else as it is
+    def create_new_study(
+        self, directions: Sequence[StudyDirection], study_name: str | None = None
+    ) -> int:
+        return self._inner.create_new_study(directions, study_name)
+
+    def delete_study(self, study_id: int) -> None:
+        self._inner.delete_study(study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._inner.set_study_user_attr(study_id, key, value)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._inner.set_study_system_attr(study_id, key, value)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._inner.get_study_id_from_name(study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._inner.get_study_name_from_id(study_id)
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return self._inner.get_study_directions(study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._inner.get_study_system_attrs(study_id)
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        return self._inner.create_new_trial(study_id, template_trial)
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+    ) -> None:
+        self._inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return self._inner.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        return self._inner.set_trial_state_values(trial_id, state, values)
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        self._inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._inner.set_trial_user_attr(trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._inner.set_trial_system_attr(trial_id, key, value)
+
+    def remove_session(self) -> None:
+        self._inner.remove_session()
+
+
+# ---------------------------------------------------------------------------------- the server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per request (the page polls every few seconds); errors still print."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    # The page loads several API endpoints at once; parameter importances take a while.
+    daemon_threads = True
+
+
+def bind(app: Any, host: str, port: int) -> WSGIServer:
+    """A server for `app` already listening on host:port; DashboardError in one line if not."""
+    try:
+        return make_server(
+            host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler
+        )
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise DashboardError(
+                f"port {port} on {host} is already in use; pick another with --port"
+            ) from None
+        if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+            raise DashboardError(f"cannot listen on host {host!r}: {error.strerror}") from None
+        if error.errno == errno.EACCES:
+            raise DashboardError(
+                f"no permission to listen on port {port}; use a port above 1023"
+            ) from None
+        raise DashboardError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+
+
+def dashboard_app(storage: BaseStorage, artifact_store: Any | None = None) -> Any:
+    """optuna-dashboard's WSGI app on the readable view of `storage`."""
+    import optuna_dashboard
+
+    return optuna_dashboard.wsgi(ReadableStorage(storage), artifact_store=artifact_store)
