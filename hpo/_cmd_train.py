@@ -11,7 +11,7 @@ import typer
 
 from hpo._app import app
 from hpo._common import build_config, fail
-from pipeline import PRESETS, PipelineError
+from pipeline import PRESETS, ExperimentConfig, PipelineError
 
 PresetOption = Annotated[
     str, typer.Option("--preset", "-p", help=f"Named config: {', '.join(PRESETS)}.")]
@@ -42,9 +42,83 @@ def _format_epoch(metrics: dict, n_epochs: int) -> str:
     )
 
 
+def _config_from_file(path: Path) -> ExperimentConfig:
+    """The config in `path`: the output of `hpo best --json` (its "config"), the metrics.json of
+    a run, or a bare config object. Exits with one line if it is unreadable or invalid."""
+    from pipeline import config_from_dict
+
+    try:
+        text = path.read_text()
+    except OSError as error:
+        fail(f"cannot read config file {path}: {error.strerror or error}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        fail(f"config file {path} is not JSON: {error.msg} at line {error.lineno}")
+    if isinstance(data, dict) and "config" in data:
+        data = data["config"]
+    if not isinstance(data, dict) or not data:
+        fail(f"config file {path} holds no config; expected the output of hpo best --json "
+             "or a JSON object of config fields")
+    try:
+        return config_from_dict(data)
+    except PipelineError as error:
+        fail(f"config file {path}: {error}")
+    except (TypeError, ValueError) as error:  # a value of the wrong type, e.g. "lr": "fast"
+        fail(f"config file {path}: a field has a value of the wrong type ({error})")
+
+
+def _config_from_best(storage: str | None, study: str | None) -> tuple[ExperimentConfig, dict]:
+    """The config stored on the study's best trial, and where it came from."""
+    from hpo._cmd_study import EXIT_INCOMPLETE, _open_study
+    from hpo._study import best_trial, study_settings
+    from pipeline import config_from_dict
+
+    location, the_study = _open_study(storage, study)
+    name = the_study.study_name
+    settings = study_settings(the_study)
+    trial = best_trial(the_study.get_trials(deepcopy=False),
+                       settings.direction if settings else "minimize")
+    if trial is None:
+        fail(f"study {name!r} has no complete trial yet; nothing to retrain", EXIT_INCOMPLETE)
+    data = trial.user_attrs.get("config")
+    if not isinstance(data, dict):
+        fail(f"best trial {trial.number} of study {name!r} has no stored config", EXIT_INCOMPLETE)
+    try:
+        config = config_from_dict(data)
+    except (PipelineError, TypeError, ValueError) as error:
+        fail(f"best trial {trial.number} of study {name!r} has a config this version cannot "
+             f"use: {error}", EXIT_INCOMPLETE)
+    source = {"study": name, "trial": trial.number, "value": trial.value,
+              "params": trial.params, "storage": location.redacted_url}
+    return config, source
+
+
 @app.command()
 def train(
-    preset: PresetOption = "quick",
+    preset: Annotated[
+        str | None,
+        typer.Option("--preset", "-p", show_default=False,
+                     help=f"Named config: {', '.join(PRESETS)} [default: quick, unless "
+                     "--from-best or --config gives the config]."),
+    ] = None,
+    from_best: Annotated[
+        bool, typer.Option("--from-best", help="Start from the config of the best trial of "
+                           "--study in --storage (as hpo best shows it).")] = False,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", dir_okay=False, show_default=False,
+                     help="Start from the config in this JSON file (hpo best --json > best.json, "
+                     "or a run's metrics.json)."),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option("--study", show_default=False,
+                                 help="With --from-best: the study [default: the store's only "
+                                 "one].")] = None,
+    storage: Annotated[
+        str | None, typer.Option("--storage", show_default=False,
+                                 help="With --from-best: the store URL [default: $HPO_STORAGE, "
+                                 "else sqlite:///hpo.db in the working directory].")] = None,
     assignments: SetOption = None,
     epochs: EpochsOption = None,
     seed: SeedOption = None,
@@ -52,7 +126,7 @@ def train(
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Run directory for checkpoints and metrics "
-                     "[default: runs/train-<preset>-<time>]."),
+                     "[default: runs/train-<preset, best-<study> or file name>-<time>]."),
     ] = None,
     references: Annotated[
         bool, typer.Option("--references/--no-references",
@@ -60,17 +134,46 @@ def train(
                            "same validation scenes.")] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Train one configuration, print one line per epoch and save a checkpoint."""
-    from pipeline import config_to_dict, resolve_device
+    """Train one configuration, print one line per epoch and save a checkpoint.
+
+    The config is a preset, the best trial of a study (--from-best) or a JSON file (--config);
+    --set, --epochs and --seed apply on top of it.
+    """
+    from pipeline import apply_overrides, config_to_dict, replace, resolve_device
     from pipeline import train as run_training
     from pipeline._references import reference_metrics
 
+    if from_best and config_file is not None:
+        fail("--from-best and --config both give the config; use one")
+    if preset is not None and (from_best or config_file is not None):
+        fail("--preset cannot be combined with --from-best or --config, which give the config")
+    if not from_best and (study is not None or storage is not None):
+        fail("--study and --storage choose the study for --from-best; add --from-best")
+    source: dict | None = None
+    if from_best:
+        base, source = _config_from_best(storage, study)
+        label = f"best trial {source['trial']} of study {source['study']!r}"
+        run_name = f"best-{source['study']}"
+    elif config_file is not None:
+        base = _config_from_file(config_file)
+        source = {"config_file": str(config_file)}
+        label = f"config from {config_file}"
+        run_name = config_file.stem
+    else:
+        preset = preset or "quick"
+        label = f"preset {preset}"
+        run_name = preset
     try:
-        config = build_config(preset, assignments, epochs=epochs, seed=seed)
+        if source is None:
+            config = build_config(preset, assignments, epochs=epochs, seed=seed)
+        else:
+            config = apply_overrides(base, list(assignments or []))
+            shortcuts = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
+            config = replace(config, **shortcuts) if shortcuts else config
         torch_device = resolve_device(device)
     except PipelineError as error:
         fail(str(error))
-    run_dir = out or Path("runs") / f"train-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = out or Path("runs") / f"train-{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -81,7 +184,7 @@ def train(
         typer.echo(line, err=as_json)
 
     if not as_json:
-        typer.echo(f"training preset {preset} on {torch_device} -> {run_dir}")
+        typer.echo(f"training {label} on {torch_device} -> {run_dir}")
     try:
         result = run_training(config, device=torch_device, on_epoch_end=report,
                               checkpoint_dir=run_dir)
@@ -90,6 +193,7 @@ def train(
         fail(f"{type(error).__name__}: {error}", code=1)
     summary = {
         "preset": preset,
+        "source": source,  # the study and trial, or the file, the config came from
         "device": str(torch_device),
         "final": result.final.to_dict(),
         "best": result.best.to_dict(),
