@@ -11,7 +11,6 @@ All arithmetic here runs in complex64 / float32, also when called under autocast
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -128,18 +127,24 @@ def eigengap_loss(covariance: torch.Tensor, n_sources: torch.Tensor) -> torch.Te
 # --- Factor form -------------------------------------------------------------------------------
 # Every covariance the loss and validation need is low rank plus a multiple of I: R_true has rank
 # K, R_samp rank L, R_pred = (1 - g) F F^H + g I, and R_blend mixes them. Held as a factor P
-# (B, N, r) and a diagonal c (B,), R = P P^H + c I, they cost O(N r) instead of O(N^2) each, and
-# the NMSE between two of them needs only r x r Gram matrices:
-#   ||P P^H + c I - Q Q^H - d I||_F^2 = ||P^H P||^2 + ||Q^H Q||^2 - 2 ||P^H Q||^2
-#                                       + 2 (c - d) (||P||^2 - ||Q||^2) + (c - d)^2 N.
-# The dense functions above are the straightforward definitions; tests hold the two to 1e-5.
+# (B, N, r), column weights w (B, r) >= 0 and a diagonal c (B,), R = P diag(w) P^H + c I, they
+# cost O(N r) instead of O(N^2) each, and the NMSE between two of them needs only r x r Gram
+# matrices (G_PQ = P^H Q, <A, B> = sum_ij w_i v_j |G_PQ[i, j]|^2 for the low-rank parts):
+#   ||R_P - R_Q||_F^2 = <P, P> + <Q, Q> - 2 <P, Q> + 2 (c - d) (tr_P - tr_Q) + (c - d)^2 N,
+# tr_P = sum_i w_i ||p_i||^2 the trace of the low-rank part. The weights keep square roots out
+# of the differentiable path (sqrt(1 - g) has an infinite slope where a sigmoid saturates at 1).
+# The dense functions above are the straightforward definitions; tests hold the two together.
 
 
 @dataclass(frozen=True)
 class LowRank:
-    """R = factor factor^H + identity * I. factor (B, N, r) complex64, identity (B,) float32."""
+    """R = factor diag(weight) factor^H + identity * I.
+
+    factor (B, N, r) complex64, weight (B, r) float32 >= 0, identity (B,) float32.
+    """
 
     factor: torch.Tensor
+    weight: torch.Tensor
     identity: torch.Tensor
 
     @property
@@ -156,42 +161,55 @@ class LowRank:
     def dense(self) -> torch.Tensor:
         """The (B, N, N) complex64 matrix."""
         eye = torch.eye(self.n_elements, dtype=torch.complex64, device=self.factor.device)
-        outer = self.factor @ self.factor.conj().transpose(-2, -1)
+        outer = (self.factor * self.weight[:, None, :]) @ self.factor.conj().transpose(-2, -1)
         return hermitian(outer) + self.identity.to(torch.float32)[:, None, None] * eye
 
+    def low_rank_trace(self) -> torch.Tensor:
+        """Trace of the low-rank part; (B,) float32."""
+        return (_column_energy(self.factor) * self.weight).sum(-1)
+
     def trace(self) -> torch.Tensor:
-        return _energy(self.factor) + self.identity * self.n_elements
+        return self.low_rank_trace() + self.identity * self.n_elements
+
+    def weighted_factor(self) -> torch.Tensor:
+        """factor diag(sqrt(weight)): the same low-rank part as one plain factor (no gradient
+        needed: for inference, e.g. MUSIC's subspace)."""
+        return self.factor * self.weight.clamp_min(0).sqrt()[:, None, :]
 
     def select(self, index: slice | torch.Tensor) -> LowRank:
-        return LowRank(self.factor[index], self.identity[index])
+        return LowRank(self.factor[index], self.weight[index], self.identity[index])
 
     def detach(self) -> LowRank:
-        return LowRank(self.factor.detach(), self.identity.detach())
+        return LowRank(self.factor.detach(), self.weight.detach(), self.identity.detach())
 
     def with_loading(self, loading: float) -> LowRank:
         """R + loading * I (diagonal loading, inference only)."""
-        return LowRank(self.factor, self.identity + loading)
+        return LowRank(self.factor, self.weight, self.identity + loading)
 
     @staticmethod
     def cat(parts: list[LowRank]) -> LowRank:
-        return LowRank(torch.cat([p.factor for p in parts]), torch.cat([p.identity for p in parts]))
+        return LowRank(*(torch.cat([getattr(p, name) for p in parts])
+                         for name in ("factor", "weight", "identity")))
 
 
-def _energy(factor: torch.Tensor) -> torch.Tensor:
-    """||factor||_F^2 per batch element; (B,) float32."""
-    return torch.view_as_real(factor).square().sum(dim=(-3, -2, -1))
+def _column_energy(factor: torch.Tensor) -> torch.Tensor:
+    """||column||^2 of each column; (B, r) float32."""
+    return torch.view_as_real(factor).square().sum(dim=(-3, -1))
 
 
-def _scaled_to_trace(factor: torch.Tensor, target: float) -> torch.Tensor:
-    return factor * torch.sqrt(target / _energy(factor).clamp_min(1e-30))[:, None, None]
+def _trace_n(factor: torch.Tensor, weight: torch.Tensor, identity: torch.Tensor | None = None
+             ) -> LowRank:
+    """The LowRank with its low-rank part scaled to trace N (weights scaled, no square root)."""
+    n_elements = factor.shape[-2]
+    energy = (_column_energy(factor) * weight).sum(-1, keepdim=True).clamp_min(1e-30)
+    if identity is None:
+        identity = torch.zeros(factor.shape[0], device=factor.device)
+    return LowRank(factor, weight * (n_elements / energy), identity)
 
 
 def true_low_rank(steering: torch.Tensor, power: torch.Tensor) -> LowRank:
     """Fix 4 in factor form: R_true = sum_k p_k a_k a_k^H scaled to trace N; factor (B, N, K)."""
-    steering = _complex64(steering)
-    factor = (steering * power.to(torch.float32).clamp_min(0).sqrt()[..., None]).transpose(-2, -1)
-    factor = _scaled_to_trace(factor, steering.shape[-1])
-    return LowRank(factor, torch.zeros(factor.shape[0], device=factor.device))
+    return _trace_n(_complex64(steering).transpose(-2, -1), power.to(torch.float32))
 
 
 def sample_low_rank(fields: torch.Tensor) -> LowRank:
@@ -200,38 +218,41 @@ def sample_low_rank(fields: torch.Tensor) -> LowRank:
     The 1/L drops out of the trace scaling; a matrix of the form X^T X^* is Hermitian PSD by
     construction.
     """
-    factor = _scaled_to_trace(_complex64(fields).transpose(-2, -1), fields.shape[-1])
-    return LowRank(factor, torch.zeros(factor.shape[0], device=factor.device))
+    factor = _complex64(fields).transpose(-2, -1)
+    return _trace_n(factor, torch.ones(factor.shape[0], factor.shape[-1], device=factor.device))
 
 
 def predicted_low_rank(factor: torch.Tensor, shrinkage: torch.Tensor | None = None) -> LowRank:
     """R_pred = (1 - g) F F^H + g I with F F^H at trace N, as `predicted_covariance`."""
-    factor = _scaled_to_trace(_complex64(factor), factor.shape[-2])
+    factor = _complex64(factor)
+    ones = torch.ones(factor.shape[0], factor.shape[-1], device=factor.device)
+    scaled = _trace_n(factor, ones)
     if shrinkage is None:
-        return LowRank(factor, torch.zeros(factor.shape[0], device=factor.device))
+        return scaled
     gamma = shrinkage.to(torch.float32)
-    return LowRank(factor * torch.sqrt(1.0 - gamma)[:, None, None], gamma)
+    return LowRank(factor, scaled.weight * (1.0 - gamma)[:, None], gamma)
 
 
 def blend_low_rank(r_pred: LowRank, r_samp: LowRank, beta: float) -> LowRank:
     """Fix 2 in factor form: (1 - beta) R_pred + beta R_samp, never divided by its trace."""
-    factor = torch.cat([r_pred.factor * math.sqrt(1.0 - beta), r_samp.factor * math.sqrt(beta)],
-                       dim=-1)
-    return LowRank(factor, (1.0 - beta) * r_pred.identity + beta * r_samp.identity)
+    return LowRank(torch.cat([r_pred.factor, r_samp.factor], dim=-1),
+                   torch.cat([(1.0 - beta) * r_pred.weight, beta * r_samp.weight], dim=-1),
+                   (1.0 - beta) * r_pred.identity + beta * r_samp.identity)
 
 
-def _gram_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """||left^H right||_F^2 per batch element; (B,) float32."""
-    return torch.view_as_real(left.conj().transpose(-2, -1) @ right).square().sum(dim=(-3, -2, -1))
+def _inner(left: LowRank, right: LowRank) -> torch.Tensor:
+    """<L, R>_F of the low-rank parts: sum_ij w_i v_j |(P^H Q)_ij|^2; (B,) float32."""
+    gram = left.factor.conj().transpose(-2, -1) @ right.factor  # (B, r_left, r_right)
+    magnitude = torch.view_as_real(gram).square().sum(-1)
+    return (left.weight[:, :, None] * magnitude * right.weight[:, None, :]).sum(dim=(-2, -1))
 
 
 def nmse_low_rank(estimate: LowRank, target: LowRank) -> torch.Tensor:
     """`nmse(estimate.dense(), target.dense())` from r x r Gram matrices; (B,) float32."""
-    p, q = estimate.factor, target.factor
     n = estimate.n_elements
-    pp, qq, pq = _gram_norm(p, p), _gram_norm(q, q), _gram_norm(p, q)
+    pp, qq, pq = _inner(estimate, estimate), _inner(target, target), _inner(estimate, target)
     c, d = estimate.identity, target.identity
-    ep, eq = _energy(p), _energy(q)
-    target_norm = qq + 2 * d * eq + d * d * n
-    error = pp + qq - 2 * pq + 2 * (c - d) * (ep - eq) + (c - d).square() * n
+    tp, tq = estimate.low_rank_trace(), target.low_rank_trace()
+    target_norm = qq + 2 * d * tq + d * d * n
+    error = pp + qq - 2 * pq + 2 * (c - d) * (tp - tq) + (c - d).square() * n
     return error.clamp_min(0.0) / target_norm.clamp_min(_TINY)

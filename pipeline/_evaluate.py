@@ -193,11 +193,11 @@ def _eigh(matrix: torch.Tensor, *, vectors: bool = True
 def _low_rank_eigenvectors(covariance: LowRank, k_max: int) -> torch.Tensor:
     """The k_max strongest eigenvectors of P P^H + c I, strongest first; (B, N, k_max).
 
-    c I moves no eigenvector, and those of P P^H with non-zero eigenvalue lie in the span of P:
+    P = factor diag(sqrt(weight)). c I moves no eigenvector, and those of P P^H with non-zero eigenvalue lie in the span of P:
     with P = Q T (thin QR, Q orthonormal N x r), P P^H = Q (T T^H) Q^H, so the eigenvectors are Q
     times those of the r x r matrix T T^H. Orthonormal whatever the rank of P.
     """
-    factor = covariance.factor.to(torch.complex64)
+    factor = covariance.weighted_factor().to(torch.complex64)
     n_elements, rank = factor.shape[-2:]
     if rank < k_max:  # pad with zero columns: QR still gives orthonormal Q of k_max columns
         factor = functional.pad(factor, (0, k_max - rank))

@@ -33,6 +33,8 @@ from torch.nn import functional as F
 from pipeline._config import ExperimentConfig
 from pipeline._physics import Deployment, steering_vectors
 
+_MIN_WEIGHT = 1e-8  # floor of a slot's weight under the square root of the factor
+
 
 @dataclass(frozen=True)
 class FeatureGrid:
@@ -234,7 +236,10 @@ class CovarianceNet(nn.Module):
         if self.factor_head is None:
             steering = steering_vectors(azimuth, elevation, range_m, self.elements,
                                         self.wavenumber)
-            factor = (steering * weight.sqrt()[..., None]).transpose(-2, -1)  # (B, N, K_max)
+            # sqrt has an infinite slope at 0, and a slot's weight (a sigmoid) underflows to
+            # exactly 0 once its logit is below about -88: floor it so the gradient stays finite.
+            amplitude = weight.clamp_min(_MIN_WEIGHT).sqrt()
+            factor = (steering * amplitude[..., None]).transpose(-2, -1)  # (B, N, K_max)
         else:
             raw = self.factor_head(pooled).reshape(
                 -1, config.n_elements, config.factor_rank, 2)

@@ -82,7 +82,8 @@ def test_factor_form_nmse_and_its_gradients_equal_the_dense_ones(full_batch, pre
 def test_factor_form_nmse_of_a_covariance_with_itself_is_zero(full_batch):
     r_true = cov.true_low_rank(full_batch.steering, full_batch.power)
     assert float(cov.nmse_low_rank(r_true, r_true).abs().max()) < 1e-6
-    zero = cov.LowRank(torch.zeros_like(r_true.factor), torch.zeros(full_batch.size))
+    zero = cov.LowRank(r_true.factor, torch.zeros_like(r_true.weight),
+                       torch.zeros(full_batch.size))
     assert torch.allclose(cov.nmse_low_rank(zero, r_true), torch.ones(full_batch.size))
 
 
@@ -111,3 +112,34 @@ def test_music_on_the_factor_form_finds_what_music_on_the_dense_matrix_finds(
     for name in ("azimuth_rad", "elevation_rad", "range_m"):
         same = torch.isclose(getattr(fast, name), getattr(dense, name), rtol=1e-4, atol=1e-5)
         assert float(same.float().mean()) > 0.99, name  # a near-tie may pick another peak
+
+
+def test_gradients_stay_finite_where_the_shrinkage_saturates_at_one(full_batch, prediction):
+    # sigmoid(30) is exactly 1.0 in float32: R_pred = I. A square root of (1 - g) on the
+    # differentiable path would have an infinite slope there (a NaN gradient seen in training).
+    factor = prediction[0].clone().requires_grad_(True)
+    logits = torch.full((full_batch.size,), 30.0, requires_grad=True)
+    shrinkage = torch.sigmoid(logits)
+    assert float(shrinkage.detach().min()) == 1.0
+    blended = cov.blend_low_rank(cov.predicted_low_rank(factor, shrinkage),
+                                 cov.sample_low_rank(full_batch.fields), 0.2)
+    loss = cov.nmse_low_rank(blended, cov.true_low_rank(full_batch.steering, full_batch.power))
+    loss.mean().backward()
+    assert torch.isfinite(factor.grad).all() and torch.isfinite(logits.grad).all()
+
+
+def test_gradients_stay_finite_when_every_slot_weight_underflows_to_zero(full_config,
+                                                                         full_batch):
+    from pipeline._losses import compute_loss
+    from pipeline._model import build_model
+    from pipeline._physics import Deployment
+
+    torch.manual_seed(0)
+    model = build_model(full_config, Deployment.build(full_config))
+    with torch.no_grad():  # objectness logits of -200: every slot's sigmoid weight is exactly 0
+        model.detect.bias[: full_config.n_grid_range] = -200.0
+    output = model(full_batch.measurements, full_batch.fields)
+    assert float(output.weight.max()) == 0.0
+    terms, _ = compute_loss(output, full_batch, full_config)
+    terms.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
