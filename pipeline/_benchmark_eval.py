@@ -18,6 +18,7 @@ always drawn whole, so the first n scenes of a larger evaluation are the scenes 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import _covariance as cov
 from pipeline._config import ExperimentConfig, config_to_dict
 from pipeline._crb import cramer_rao_bound
 from pipeline._data import SceneBatch, _batch_seed, generate_scenes, split_seeds
@@ -142,17 +142,14 @@ def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment:
         k_head = (output.k_logits.argmax(-1) + 1).clamp(1, config.max_sources)
         k_mdl = mdl_estimate(r_samp, config.n_snapshots, max_sources=config.max_sources)
         seconds["model"] += time.perf_counter() - tick
-        runs: dict[str, tuple[Callable[[], Localization], torch.Tensor]] = {
-            "learned": (lambda: music_localize(r_blend, k_head, deployment, config), k_head),
-            "samp": (lambda: music_localize(r_samp, k_mdl, deployment, config), k_mdl),
-            "pursuit": (lambda: matching_pursuit(batch.measurements, k_mdl, deployment, config),
-                        k_mdl),
-            "oracle": (lambda: music_localize(r_true, batch.n_sources, deployment, config),
-                       batch.n_sources),
-        }
-        for name, (run, k_hat) in runs.items():
+        inputs = {"learned": (r_blend, k_head), "samp": (r_samp, k_mdl),
+                  "pursuit": (batch.measurements, k_mdl), "oracle": (r_true, batch.n_sources)}
+        for name, (data, k_hat) in inputs.items():
             tick = time.perf_counter()
-            found[name].append(run())
+            if name == "pursuit":
+                found[name].append(matching_pursuit(data, k_hat, deployment, config))
+            else:
+                found[name].append(music_localize(data, k_hat, deployment, config))
             counts[name].append(k_hat.clamp(1, config.max_sources))
             seconds[name] += time.perf_counter() - tick
         tick = time.perf_counter()
@@ -187,7 +184,7 @@ def _groups(truth: SceneBatch) -> list[tuple[str, str, torch.Tensor]]:
     k = truth.n_sources.cpu()
     groups = [("all", "all", torch.arange(truth.size))]
     edges = SNR_BIN_EDGES_DB
-    for position, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+    for position, (low, high) in enumerate(itertools.pairwise(edges)):
         last = position == len(edges) - 2
         inside = (snr >= low) & ((snr <= high) if last else (snr < high))
         groups.append(("snr", f"{low:g}..{high:g}", inside.nonzero().squeeze(-1)))
