@@ -1,0 +1,77 @@
+"""One small finished study, made by the real `hpo run` once per test session, for the tests of
+the commands that read results (dashboard, report, best, train --from-best).
+
+Every test module that needs it asks for it through a fixture that calls `results_study`; the
+first call runs the study (about 20 s) and the others reuse it. Tests must not write to it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+STUDY = "results-smoke"
+N_TRIALS = 6
+# With one worker and this seed the random sampler gives the same trials every run, and these
+# are what the tests need: trial 2 draws fault_nonfinite_epoch=1 (a NaN loss: FAIL with its
+# reason), Hyperband stops two trials after epoch 1 (PRUNED), three run both epochs (COMPLETE).
+SAMPLER_SEED = "3"
+SPACE = "fault_nonfinite_epoch = { choices = [0, 1] }\nn_train = 64\n"
+
+
+@dataclass(frozen=True)
+class ResultsStudy:
+    url: str
+    name: str
+    directory: Path
+
+    def load(self) -> optuna.Study:
+        return optuna.load_study(study_name=self.name, storage=self.url)
+
+
+_made: dict[str, ResultsStudy] = {}
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
+
+
+def hpo(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The real console entry point in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpo.cli", *args],
+        cwd=cwd,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def results_study(tmp_path_factory: pytest.TempPathFactory) -> ResultsStudy:
+    if "study" in _made:
+        return _made["study"]
+    directory = tmp_path_factory.mktemp("results-study")
+    url = f"sqlite:///{directory / 'hpo.db'}"
+    (directory / "space.toml").write_text(SPACE)
+    result = hpo(
+        "run", "--trials", str(N_TRIALS), "--preset", "smoke", "--workers", "1",
+        "--threads", "1", "--sampler", "random", "--seed", SAMPLER_SEED, "--space",
+        "space.toml", "--storage", url, "--study", STUDY, "--quiet", cwd=directory,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    made = ResultsStudy(url=url, name=STUDY, directory=directory)
+    states = [t.state for t in made.load().get_trials()]
+    # The tests below rely on each state being present; say so plainly if the seed stops giving it.
+    assert states.count(TrialState.COMPLETE) >= 3, states
+    assert TrialState.PRUNED in states and TrialState.FAIL in states, states
+    _made["study"] = made
+    return made
