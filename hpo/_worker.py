@@ -142,7 +142,7 @@ class _Heartbeat:
             try:
                 storage.record_heartbeat(trial_id)
             except Exception as e:  # noqa: BLE001  (a missed beat is harmless; grace is long)
-                _logger.warning("heartbeat of trial id %d failed: %s", trial_id, e)
+                _logger.warning("heartbeat of trial id %d failed: %s", trial_id, e.__cause__ or e)
 
     def stop(self) -> None:
         self._stop.set()

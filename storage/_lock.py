@@ -84,15 +84,15 @@ def _advisory_lock(engine: sqlalchemy.Engine, key: int, timeout_s: float) -> Ite
         try:
             yield StoreLease(lambda: bool(connection.execute(held, args).scalar()))
         finally:
-            try:
-                connection.execute(
-                    sqlalchemy.text("SELECT pg_advisory_unlock(:space, :key)"), args
-                )
-            except sqlalchemy.exc.DBAPIError as e:
-                # A dead connection holds no lock: the server released it with the session.
-                if not e.connection_invalidated:
-                    raise
-                connection.invalidate()
+            # A dead connection holds no lock: the server released it with the session.
+            if not connection.invalidated:
+                try:
+                    connection.execute(
+                        sqlalchemy.text("SELECT pg_advisory_unlock(:space, :key)"), args
+                    )
+                except sqlalchemy.exc.DBAPIError as e:
+                    if not e.connection_invalidated:
+                        raise
 
 
 @contextlib.contextmanager

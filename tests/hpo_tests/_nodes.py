@@ -13,6 +13,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from storage import Reconnect
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -44,11 +46,15 @@ class StoreReader:
         self.name = study
 
     def trials(self) -> list[FrozenTrial]:
-        try:
-            study_id = self.storage.get_study_id_from_name(self.name)
-        except KeyError:
-            return []
-        return self.storage.get_all_trials(study_id, deepcopy=False)
+        def read() -> list[FrozenTrial]:
+            try:
+                study_id = self.storage.get_study_id_from_name(self.name)
+            except KeyError:
+                return []
+            return self.storage.get_all_trials(study_id, deepcopy=False)
+
+        # A restarted server leaves dead connections in the pool: read again on a fresh one.
+        return Reconnect(deadline_s=60)(read, "reading the trials")
 
     def wait_for(
         self,
@@ -65,10 +71,7 @@ class StoreReader:
                 if node.poll() is not None:
                     _, err = node.communicate()
                     raise AssertionError(f"a node exited ({node.returncode}) before {what}: {err}")
-            try:
-                found = condition(self.trials())
-            except optuna.exceptions.StorageInternalError:
-                found = None  # the server is restarting
+            found = condition(self.trials())
             if found:
                 return found
             time.sleep(0.2)

@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import struct
+import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -124,3 +128,81 @@ def _read(connection: socket.socket, n: int) -> bytes:
             raise OSError("peer closed")
         data += chunk
     return data
+
+
+class PrivateCluster:
+    """A throwaway PostgreSQL cluster (initdb in a temporary directory, trust auth, a free port on
+    127.0.0.1) that a test may restart or stop: the shared server on 5432 is never touched.
+
+    The server binaries are a real dependency: without them the test fails, it is not skipped.
+    As root, the server runs as the `postgres` user (PostgreSQL refuses to run as root).
+    """
+
+    def __init__(self) -> None:
+        self.bin_dir = _postgres_bin_dir()
+        self.root = Path(tempfile.mkdtemp(prefix="hpo-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.port = _free_port()
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres:{DUMMY_PASSWORD}@127.0.0.1:{self.port}/postgres"
+
+    def _options(self) -> str:
+        # fsync off: a throwaway cluster; a restart is still a real stop and start of the server.
+        return f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+
+    def _run(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.bin_dir / tool), *args]
+        if self.as_postgres:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            log = self.log.read_text() if self.log.exists() else ""
+            pytest.fail(f"{tool} {' '.join(args)} failed: {result.stderr}{log}", pytrace=False)
+        return result
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-o", self._options(), "-l", str(self.log),
+                  "-w", "start")  # fmt: skip
+
+    def restart(self) -> None:
+        """Stop the server (fast: every session is terminated) and start it again."""
+        self._run("pg_ctl", "-D", str(self.data), "-o", self._options(), "-l", str(self.log),
+                  "-m", "fast", "-w", "restart")  # fmt: skip
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def close(self) -> None:
+        subprocess.run(
+            [*(["runuser", "-u", "postgres", "--"] if self.as_postgres else []),
+             str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _postgres_bin_dir() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    on_path = shutil.which("initdb")
+    if found:
+        return found[-1].parent
+    if on_path:
+        return Path(on_path).parent
+    pytest.fail(
+        "initdb/pg_ctl not found (looked in /usr/lib/postgresql/*/bin and PATH); the restart "
+        "tests need the PostgreSQL server binaries (apt-get install postgresql)",
+        pytrace=False,
+    )
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
