@@ -58,7 +58,7 @@ ATTR_FAIL_REASON = "fail_reason"  # trial: why it failed
 ATTR_VOID = "void_reason"  # trial: a claim undone because its lock was lost; counts nowhere
 ATTR_WORKER_PID = "worker_pid"
 ATTR_HOST = "host"  # trial: the node its worker ran on (node_name())
-ATTR_BOOT_ID = "boot_id"  # trial: the kernel boot of that node (tells same-named nodes apart)
+ATTR_PID_SPACE = "pid_space"  # trial: kernel boot and pid namespace its worker_pid is valid in
 HOST_ENV_VAR = "HPO_HOST"  # names this node in the store [default: the hostname]
 ATTR_CLAIMED_UNIX = "claimed_unix"  # trial: wall clock (s since the epoch) when it was claimed
 HALF_CLAIM_AGE_S = 120.0  # a RUNNING trial never tagged by its claimer after this long is void
@@ -279,7 +279,7 @@ def claim_trial(study: optuna.Study, budget: int) -> optuna.Trial | None:
                 rdb.record_heartbeat(trial._trial_id)
             trial.set_user_attr(ATTR_WORKER_PID, os.getpid())
             trial.set_user_attr(ATTR_HOST, node_name())
-            trial.set_user_attr(ATTR_BOOT_ID, _boot_id())
+            trial.set_user_attr(ATTR_PID_SPACE, _pid_space())
             trial.set_user_attr(ATTR_CLAIMED_UNIX, time.time())  # last: the claim is complete
             lease.check()
         except BaseException as error:
@@ -428,25 +428,28 @@ def node_name() -> str:
     return os.environ.get(HOST_ENV_VAR) or socket.gethostname()
 
 
-def _boot_id() -> str | None:
+def _pid_space() -> str | None:
+    """Where this process's pids mean something: the kernel boot and the pid namespace (two
+    containers, or two machines, with the same node name never share it)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
         return None
 
 
 def stale_local_trials(study: optuna.Study, alive: Any) -> list[FrozenTrial]:
     """RUNNING trials started on this node by a worker process `alive(pid)` says is gone. A
-    trial of another node with the same name (its kernel boot differs) is not this node's."""
-    host, boot = node_name(), _boot_id()
+    trial of another machine or container with the same node name (another pid space) is not."""
+    host, space = node_name(), _pid_space()
     gone = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
         pid = attrs.get(ATTR_WORKER_PID)
         if attrs.get(ATTR_HOST) != host or pid is None:
             continue
-        if attrs.get(ATTR_BOOT_ID) not in (None, boot):
+        if attrs.get(ATTR_PID_SPACE) not in (None, space):
             continue
         if not alive(pid):
             gone.append(trial)
