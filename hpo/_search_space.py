@@ -1,7 +1,7 @@
 """The search space: Optuna trial -> ExperimentConfig. The only caller of `trial.suggest_*`.
 
 The default space covers the optimiser (learning rate, weight decay, batch size, warm-up), the
-model (width, depth, dropout), the covariance blend `beta` and the loss weights `lam_k`,
+model (channels, width, depth: ranges centred on the study's preset's own network; dropout), the covariance blend `beta` and the loss weights `lam_k`,
 `lam_aux`, `lam_det` (`lam_cov` stays 1 as the scale the others are relative to). Loss weights
 change what is trained, never what is scored: both objectives come from validation metrics alone.
 
@@ -66,20 +66,38 @@ class Fixed:
 
 Param = FloatRange | IntRange | Choice | Fixed
 
-DEFAULT_PARAMS: dict[str, Param] = {
-    "lr": FloatRange(1e-4, 1e-2, log=True),  # peak learning rate of AdamW
-    "weight_decay": FloatRange(1e-6, 1e-2, log=True),
-    "batch_size": Choice((16, 32, 64, 128)),  # scenes per step
-    "warmup_frac": FloatRange(0.0, 0.2),  # share of all steps in linear warm-up
-    "conv_channels": IntRange(16, 48, step=16),  # channels of the convolutional trunk
-    "model_width": Choice((64, 128, 256)),  # hidden units of the pooled head
-    "model_depth": IntRange(2, 6),  # residual blocks of the convolutional trunk
-    "dropout": FloatRange(0.0, 0.3),
-    "beta": FloatRange(0.0, 0.6),  # weight of R_samp in R_blend
-    "lam_k": FloatRange(0.02, 1.0, log=True),  # loss weight of the K cross-entropy
-    "lam_aux": FloatRange(0.1, 3.0, log=True),  # loss weight of the matched source parameters
-    "lam_det": FloatRange(0.1, 3.0, log=True),  # loss weight of the detection map
-}
+def _model_params(base: ExperimentConfig) -> dict[str, Param]:
+    """Model-size ranges centred on the preset's own network: half to 1.5x its channels, half
+    to twice its head width, its depth +-2. A trial of any preset then costs about what that
+    preset's default network does (for `full`: 16-48 channels, width 64-256, depth 2-6)."""
+    half = max(1, base.conv_channels // 2)
+    width = base.model_width
+    return {
+        "conv_channels": IntRange(half, 3 * half, step=half),  # channels of the conv trunk
+        "model_width": Choice((max(1, width // 2), width, 2 * width)),  # pooled head units
+        "model_depth": IntRange(max(1, base.model_depth - 2), base.model_depth + 2),  # blocks
+    }
+
+
+def default_params(base: ExperimentConfig) -> dict[str, Param]:
+    """The default space for a study whose preset is `base`."""
+    model = _model_params(base)
+    return {
+        "lr": FloatRange(1e-4, 1e-2, log=True),  # peak learning rate of AdamW
+        "weight_decay": FloatRange(1e-6, 1e-2, log=True),
+        "batch_size": Choice((16, 32, 64, 128)),  # scenes per step
+        "warmup_frac": FloatRange(0.0, 0.2),  # share of all steps in linear warm-up
+        **model,
+        "dropout": FloatRange(0.0, 0.3),
+        "beta": FloatRange(0.0, 0.6),  # weight of R_samp in R_blend
+        "lam_k": FloatRange(0.02, 1.0, log=True),  # loss weight of the K cross-entropy
+        "lam_aux": FloatRange(0.1, 3.0, log=True),  # loss weight of the matched source parameters
+        "lam_det": FloatRange(0.1, 3.0, log=True),  # loss weight of the detection map
+    }
+
+
+# The default space of the `full` preset, for reference.
+DEFAULT_PARAMS: dict[str, Param] = default_params(ExperimentConfig())
 
 
 @dataclass(frozen=True)
@@ -132,8 +150,8 @@ class SearchSpace:
         return lines
 
 
-def default_space() -> SearchSpace:
-    return SearchSpace(dict(DEFAULT_PARAMS))
+def default_space(base: ExperimentConfig | None = None) -> SearchSpace:
+    return SearchSpace(default_params(base or ExperimentConfig()))
 
 
 def suggest_config(
@@ -158,7 +176,7 @@ def suggest_config(
 def load_space(path: Path | None, base: ExperimentConfig) -> SearchSpace:
     """The default space changed by the TOML file at `path` (None: the default), checked
     against `base` so every range end and choice makes a valid config. SpaceError if not."""
-    params: dict[str, Param] = dict(DEFAULT_PARAMS)
+    params = default_params(base)
     if path is not None:
         params.update(_read_overrides(path, base))
     space = SearchSpace(params)
@@ -185,16 +203,17 @@ def _read_overrides(path: Path, base: ExperimentConfig) -> dict[str, Param]:
                 f"space file {path}: {name!r} cannot be set here; {_UNSEARCHABLE[name]}"
             )
         if name not in known:
-            searchable = ", ".join(DEFAULT_PARAMS)
+            searchable = ", ".join(default_params(base))
             raise SpaceError(
                 f"space file {path}: unknown parameter {name!r}; searched by default: "
                 f"{searchable} (any other config field can be fixed or searched too)"
             )
-        overrides[name] = _parse_param(path, name, value, known[name])
+        overrides[name] = _parse_param(path, name, value, known[name], base)
     return overrides
 
 
-def _parse_param(path: Path, name: str, value: Any, current: Any) -> Param:
+def _parse_param(path: Path, name: str, value: Any, current: Any, base: ExperimentConfig
+                 ) -> Param:
     where = f"space file {path}: {name}"
     kind = type(current)
     if not isinstance(value, dict):
@@ -214,7 +233,7 @@ def _parse_param(path: Path, name: str, value: Any, current: Any) -> Param:
         return Choice(tuple(_coerce(where, c, kind) for c in choices))
     if kind not in (int, float):
         raise SpaceError(f"{where} is a {kind.__name__} field: give choices = [...], not a range")
-    default = DEFAULT_PARAMS.get(name)
+    default = default_params(base).get(name)
     inherited: dict[str, Any] = {}
     if isinstance(default, (FloatRange, IntRange)):
         inherited = {"low": default.low, "high": default.high, "log": default.log}

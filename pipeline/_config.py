@@ -167,8 +167,18 @@ PRESETS: dict[str, ExperimentConfig] = {
         model_depth=2,
         music_grid_azimuth=25, music_grid_elevation=13, music_grid_range=5, n_val_localize=32,
     ),
-    # A CPU demo at the real array size (N=144, M=16, L=16, K<=5) within the resolvable range.
+    # The CPU search: a reduced system (8 x 8 RIS, M = 8, L = 8, K <= 3) and network, sized so
+    # that README's `hpo run --trials 200 --preset quick` fits 15 minutes on a 2-core machine.
     "quick": ExperimentConfig(
+        n_ris_rows=8, n_ris_cols=8, n_bs_antennas=8, n_snapshots=8, max_sources=3,
+        range_max_m=4.0, n_train=1024, n_val=128, epochs=8,
+        n_grid_azimuth=19, n_grid_elevation=9, n_grid_range=4, conv_channels=16, model_width=64,
+        model_depth=2,
+        music_grid_azimuth=37, music_grid_elevation=19, music_grid_range=7, n_val_localize=128,
+    ),
+    # One CPU training run at the real array size (N = 144, M = 16, L = 16, K <= 5) within the
+    # resolvable range: minutes on a CPU (RESULTS.md).
+    "medium": ExperimentConfig(
         range_max_m=4.0, n_train=3_000, n_val=300, epochs=10, n_val_localize=300,
     ),
     # The system at its real size (SYSTEM.md §6 defaults).

@@ -43,6 +43,20 @@ def test_default_space_covers_the_issue_list_and_is_valid():
     assert "lam_cov" not in space.params
 
 
+def test_model_size_ranges_are_centred_on_the_preset_network():
+    full = load_space(None, preset("full")).params
+    assert full["conv_channels"] == IntRange(16, 48, step=16)
+    assert full["model_width"] == Choice((64, 128, 256))
+    assert full["model_depth"] == IntRange(2, 6)
+    quick = preset("quick")
+    params = load_space(None, quick).params
+    assert quick.conv_channels in range(params["conv_channels"].low,
+                                        params["conv_channels"].high + 1,
+                                        params["conv_channels"].step)
+    assert quick.model_width in params["model_width"].choices
+    assert params["model_depth"].low <= quick.model_depth <= params["model_depth"].high
+
+
 def test_toml_overrides_part_of_a_range_sets_choices_and_fixes_values(tmp_path):
     path = write(
         tmp_path,
@@ -73,8 +87,10 @@ def test_suggest_config_stays_inside_the_space(tmp_path):
         assert config.dropout == 0.1 and config.n_train == 64
         assert 1e-4 <= config.lr <= 1e-2
         assert config.batch_size in (16, 32, 64, 128)
-        assert 2 <= config.model_depth <= 6
-        assert config.conv_channels in (16, 32, 48)
+        # Model sizes centred on smoke's own network (8 channels, width 32, depth 2).
+        assert 1 <= config.model_depth <= 4
+        assert config.conv_channels in (4, 8, 12)
+        assert config.model_width in (16, 32, 64)
         assert set(trial.params) == set(space.searched())
         study.tell(trial, 0.0)
 

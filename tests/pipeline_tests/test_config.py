@@ -61,5 +61,5 @@ def test_unknown_field_error_lists_the_fields():
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ConfigError, match="smoke, quick, full"):
+    with pytest.raises(ConfigError, match="smoke, quick, medium, full"):
         preset("huge")

@@ -158,7 +158,7 @@ def test_subspace_features_from_the_gram_matrix_equal_the_full_eigh():
     # straightforward N x N eigendecomposition of R_samp in double precision.
     from pipeline import _covariance as cov
 
-    config = preset("quick")
+    config = preset("medium")
     deployment = Deployment.build(config)
     model = build_model(config, deployment)
     batch = generate_scenes(config, deployment, 16, 3)
