@@ -20,6 +20,7 @@ from pipeline._config import ExperimentConfig
 from pipeline._physics import Deployment
 
 SPLITS = ("train", "val", "test")
+_REDRAWS = 32  # candidate redraws of a source too close to an earlier one
 
 
 @dataclass(frozen=True)
@@ -71,20 +72,25 @@ def _draw_sources(config: ExperimentConfig, batch: int, rng: torch.Generator
     def uniform(low: float, high: float, shape: tuple[int, ...]) -> torch.Tensor:
         return low + (high - low) * torch.rand(shape, generator=rng, dtype=torch.float64)
 
-    azimuth = uniform(-az_max, az_max, (batch, k_max))
-    elevation = uniform(-el_max, el_max, (batch, k_max))
-    # Redraw slot k while it sits within `sep` in both angles of an earlier slot. A bounded number
-    # of rounds keeps the draw count fixed (and so reproducible); a scene still too crowded after
-    # them keeps its last draw, which at default settings has probability below 1e-12.
+    # Each slot gets 1 + _REDRAWS candidate positions, drawn at once; it takes the first that is
+    # not within `sep` in both angles of an earlier slot. The draw count is fixed (so the scenes
+    # are reproducible); a scene still too crowded after every candidate keeps the last one,
+    # which at default settings has probability below 1e-12. Vectorised over the candidates:
+    # the slot loop is K_max short steps, not K_max x 32 rounds of small operations.
+    azimuth = uniform(-az_max, az_max, (batch, k_max, 1 + _REDRAWS))
+    elevation = uniform(-el_max, el_max, (batch, k_max, 1 + _REDRAWS))
+    chosen_az, chosen_el = [azimuth[:, 0, 0]], [elevation[:, 0, 0]]
+    candidates = torch.arange(1 + _REDRAWS)
     for slot in range(1, k_max):
-        for _ in range(32):
-            close = ((azimuth[:, :slot] - azimuth[:, slot:slot + 1]).abs() < sep) & (
-                (elevation[:, :slot] - elevation[:, slot:slot + 1]).abs() < sep)
-            redraw = close.any(dim=1)
-            new_az = uniform(-az_max, az_max, (batch,))
-            new_el = uniform(-el_max, el_max, (batch,))
-            azimuth[:, slot] = torch.where(redraw, new_az, azimuth[:, slot])
-            elevation[:, slot] = torch.where(redraw, new_el, elevation[:, slot])
+        earlier_az = torch.stack(chosen_az, dim=1)[:, None, :]  # (B, 1, slot)
+        earlier_el = torch.stack(chosen_el, dim=1)[:, None, :]
+        close = (((azimuth[:, slot, :, None] - earlier_az).abs() < sep)
+                 & ((elevation[:, slot, :, None] - earlier_el).abs() < sep)).any(-1)
+        free = ~close | (candidates == _REDRAWS)  # (B, 1 + _REDRAWS); the last always qualifies
+        first = free.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first True
+        chosen_az.append(azimuth[:, slot].gather(1, first).squeeze(1))
+        chosen_el.append(elevation[:, slot].gather(1, first).squeeze(1))
+    azimuth, elevation = torch.stack(chosen_az, dim=1), torch.stack(chosen_el, dim=1)
     range_m = uniform(config.range_min_m, config.range_max_m, (batch, k_max))
     power_db = config.source_power_db_max - uniform(0.0, config.power_range_db, (batch, k_max))
     snr_db = uniform(config.snr_db_min, config.snr_db_max, (batch,))
