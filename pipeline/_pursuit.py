@@ -11,10 +11,10 @@ dictionary:
    sum_l |d_l^H r_l|^2 / ||d_l||^2 (each snapshot's amplitude fitted freely), joins the support;
    then every picked atom is refitted by per-snapshot least squares on the measurements and the
    residual recomputed (the "orthogonal" step).
-3. Off-grid refinement: `music_refine_steps + 1` rounds in which each picked atom searches a
-   3 x 3 x 3 stencil around itself (first at the grid step, then halving), with the other picked
-   atoms projected out, plus a quadratic fit as in MUSIC's refinement; all atoms of a chunk of
-   scenes are scored together.
+3. Off-grid refinement: `music_refine_steps + 5` rounds of a pattern search in which each
+   picked atom scores a 3 x 3 x 3 stencil around itself (first at the grid step, halving once it
+   stops moving) with the other picked atoms projected out, plus a quadratic fit as in MUSIC's
+   refinement; all atoms of a chunk of scenes are scored together.
    This is the continuous counterpart of the refitting: without it the grid step (2 deg) would be
    the accuracy floor.
 
@@ -41,8 +41,9 @@ from pipeline._physics import Deployment
 
 _STENCIL_POINTS = 3
 # Rounds beyond MUSIC's music_refine_steps: MUSIC's first round is a 5-point stencil at half the
-# grid step; here two 3-point rounds (grid step, then half) cover the same +-1 cell at less cost.
-_EXTRA_ROUNDS = 1
+# grid step; here 3-point rounds start at the grid step, and a moving atom keeps its step, so a few
+# more rounds buy the same reach and precision at less cost per round.
+_EXTRA_ROUNDS = 5
 _TINY = 1e-12
 
 # key: ids of the grid and the operator; the value keeps both alive so that ids are not reused.
@@ -73,11 +74,11 @@ def coded_dictionary(config: ExperimentConfig, deployment: Deployment
 
 
 def _coded_atoms(points: torch.Tensor, deployment: Deployment) -> torch.Tensor:
-    """Phi_l a(p) at points (..., 3) (az, el, 1/r); (..., L, M) complex64."""
+    """Phi_l a(p) at points (..., 3) (az, el, 1/r); (..., L, M) complex64 for float32 points."""
     steering = deployment.steering(points[..., 0], points[..., 1], 1.0 / points[..., 2])
     n_snap, n_meas, n_elements = deployment.operator.shape
-    flat = steering.reshape(-1, n_elements) @ deployment.operator.reshape(
-        n_snap * n_meas, n_elements).T
+    operator = deployment.operator.to(steering.dtype)
+    flat = steering.reshape(-1, n_elements) @ operator.reshape(n_snap * n_meas, n_elements).T
     return flat.reshape(*points.shape[:-1], n_snap, n_meas)
 
 
@@ -152,7 +153,7 @@ def _projected_scores(candidates: torch.Tensor, others: torch.Tensor, others_act
     atoms = _coded_atoms(candidates, deployment)  # (P, S, L, M)
     correlation = torch.einsum("pslm,plm->psl", atoms.conj(), orthogonal_y)
     overlap = torch.einsum("plmk,pslm->pslk", columns.conj(), atoms)  # B^H d
-    solved = torch.linalg.solve(gram[:, None], overlap[..., None]).squeeze(-1)
+    solved = torch.einsum("plkj,pslj->pslk", torch.linalg.inv(gram), overlap)  # G^-1 B^H d
     projected = (overlap.conj() * solved).real.sum(-1)  # d^H B G^-1 B^H d, (P, S, L)
     energy = _squared_magnitude(atoms).sum(-1)  # ||d||^2
     residual_norm = (energy - projected).clamp_min(1e-3 * energy)
@@ -165,10 +166,11 @@ def _refine(picked: torch.Tensor, active: torch.Tensor, measurements: torch.Tens
     """Local off-grid search of every picked atom with the others projected out.
 
     Each round scores a 3 x 3 x 3 stencil around every atom (all atoms of
-    the chunk in one batch), the first at the grid step and each later one at half the step before;
-    the atom moves to the best stencil point, or to the maximum of a
-    quadratic fitted to the stencil where that scores higher (as MUSIC's refinement does). Atoms
-    move together (Jacobi), each given the others' positions at the start of the round.
+    the chunk in one batch), at first +-1 grid step; the atom moves to the best stencil point, or
+    to the maximum of a quadratic fitted to the stencil where that scores higher (as MUSIC's
+    refinement does). An atom that stayed at the centre, or took the quadratic's step, halves its
+    step; one that moved to the stencil's edge keeps it (a pattern search). Atoms move together
+    (Jacobi), each given the others' positions at the start of the round.
     picked (b, k_max, 3), active (b, k_max). Returns refined points (b, k_max, 3) and each atom's
     explained energy (b, k_max) (0 where inactive).
     """
@@ -181,14 +183,15 @@ def _refine(picked: torch.Tensor, active: torch.Tensor, measurements: torch.Tens
     others_active = active[scene] & (slots[None, :] != slot[:, None])
     y = measurements[scene]
     offsets = _local_offsets(_STENCIL_POINTS, picked.device)
-    step = grid.step * 2.0
+    middle = offsets.shape[0] // 2  # the stencil's centre point
+    step = grid.step.expand(scene.numel(), 3).clone()  # per atom: +-1 grid cell at first
     for _ in range(n_rounds):
-        step = step / 2.0  # the first round at the grid's own step: reach +-1 grid cell
         others = _coded_atoms(picked, deployment)[scene].permute(0, 2, 3, 1)  # (P, L, M, k)
-        # Shift the stencil inwards at the box's edge so that its spacing stays even.
+        # Points beyond the search box are clamped onto it (the centre is not shifted inwards:
+        # a source at the box's edge must stay reachable). The quadratic fit may then see
+        # uneven spacing, but its proposal is only taken where it scores higher.
         centre = picked[scene, slot]
-        centre = torch.maximum(torch.minimum(centre, grid.upper - step), grid.lower + step)
-        points = _clamp(centre[:, None, :] + offsets * step, grid)  # (P, 27, 3)
+        points = _clamp(centre[:, None, :] + offsets * step[:, None, :], grid)  # (P, 27, 3)
         local = _projected_scores(points, others, others_active, y, deployment)  # (P, 27)
         value, best = local.max(dim=-1)
         moved = points.gather(1, best[:, None, None].expand(-1, 1, 3)).squeeze(1)
@@ -199,6 +202,11 @@ def _refine(picked: torch.Tensor, active: torch.Tensor, measurements: torch.Tens
         better = proposed > value
         moved = torch.where(better[:, None], proposal, moved)
         picked = picked.index_put((scene, slot), moved)
+        # Pattern search: an atom whose best point was the stencil's centre narrows its step;
+        # one still moving keeps it, so a peak more than a step away is followed, not lost.
+        # (No gain over the centre counts as settled: clamped points can duplicate it.)
+        settled = (value <= local[:, middle]) | better
+        step = torch.where(settled[:, None], step / 2.0, step)
     others = _coded_atoms(picked, deployment)[scene].permute(0, 2, 3, 1)
     values = _projected_scores(picked[scene, slot][:, None, :], others, others_active, y,
                                deployment)[:, 0]
