@@ -83,7 +83,7 @@ class ExperimentConfig:
     music_grid_azimuth: int = 61  # MUSIC coarse grid, azimuth points
     music_grid_elevation: int = 31  # MUSIC coarse grid, elevation points
     music_grid_range: int = 9  # MUSIC coarse grid, range points
-    music_refine_steps: int = 2  # rounds of local refinement around each peak (0 = none)
+    music_refine_steps: int = 3  # rounds of local refinement around each peak (0 = none)
     n_val_localize: int = 1_000  # validation scenes localized with MUSIC each epoch
 
     # --- fault injection, for tests of the HPO layer ---

@@ -67,8 +67,17 @@ def test_chunking_does_not_change_the_result(scenes: SceneBatch, deployment: Dep
     part = scenes.select(slice(0, 12))
     r_true = true_covariance(part.steering, part.power)
     small = music_localize(r_true, part.n_sources, deployment, CONFIG, chunk_size=5)
-    assert torch.equal(small.mask, oracle.mask[:12])
-    torch.testing.assert_close(small.params(), oracle.params()[:12], atol=1e-4, rtol=1e-4)
+    assert torch.equal(small.mask.sum(1), oracle.mask[:12].sum(1))
+
+    # On noise-free R_true every refined peak scores ~1, so the order of the slots is a tie that
+    # rounding settles differently per chunk: compare the estimates of each scene as a set.
+    def by_azimuth(params: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        key = torch.where(mask, params[..., 0], float("inf"))
+        return params.gather(1, key.argsort(1)[..., None].expand(-1, -1, 3))
+
+    torch.testing.assert_close(by_azimuth(small.params(), small.mask),
+                               by_azimuth(oracle.params()[:12], oracle.mask[:12]),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_fewer_estimates_than_sources(scenes: SceneBatch, deployment: Deployment) -> None:
