@@ -29,8 +29,9 @@ from hpo._study import (
     study_settings,
 )
 
-# Below this many complete trials PED-ANOVA compares a handful of points: a ranking, but noise.
-MIN_COMPLETE_FOR_IMPORTANCE = 3
+# PED-ANOVA compares complete trials: it needs two (the dashboard's rule too), and with a
+# handful the ranking is rough (the summary says so).
+MIN_COMPLETE_FOR_IMPORTANCE = 2
 MAX_PLOTTED_PARAMS = 6  # parallel coordinates and slices: the most important ones
 DPI = 100
 
