@@ -21,16 +21,14 @@ def test_two_nodes_share_one_budget_exactly(postgres_url, tmp_path):
     name = f"nodes-{secrets.token_hex(3)}"
     budget = 16
     space = tmp_path / "space.toml"
-    space.write_text("n_train = 512\n")  # trials of a few seconds: both nodes get some
+    space.write_text("n_train = 384\n")  # trials of a few seconds: both nodes get some
     common = ("--trials", str(budget), "--workers", "2", "--space", str(space))
-    node_a = start_node(postgres_url, name, *common, cwd=tmp_path / "a", host="node-a")
+    nodes = [
+        start_node(postgres_url, name, *common, cwd=tmp_path / host, host=host)
+        for host in ("node-a", "node-b")
+    ]
     reader = StoreReader(postgres_url, name)
-    nodes = [node_a]
     try:
-        # The second node joins a study already under way.
-        reader.wait_for(lambda trials: trials, timeout_s=120, nodes=nodes, what="node a's start")
-        node_b = start_node(postgres_url, name, *common, cwd=tmp_path / "b", host="node-b")
-        nodes.append(node_b)
 
         def both_running(trials):
             hosts = {t.user_attrs.get("host") for t in trials if t.user_attrs.get("history")}

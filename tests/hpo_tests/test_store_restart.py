@@ -21,9 +21,9 @@ def test_run_completes_its_budget_across_server_restarts(tmp_path):
     node = None
     try:
         name = f"restart-{secrets.token_hex(3)}"
-        budget = 6
+        budget = 4
         space = tmp_path / "space.toml"
-        space.write_text("n_train = 1024\n")
+        space.write_text("n_train = 768\n")
         node = start_node(
             cluster.url, name, "--trials", str(budget), "--workers", "2", "--epochs", "3",
             "--pruner", "none", "--space", str(space), "--heartbeat-interval", "1",
