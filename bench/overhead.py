@@ -18,6 +18,7 @@ the last trials finish. With W workers on fewer cores the training time itself g
 overhead formulae use the measured training time, so that growth is not counted as overhead.
 
     python bench/overhead.py [--trials 24] [--workers 1 2 4] [--stores sqlite postgresql]
+                             [--preset smoke] [--epochs 1]
                              [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 """
 
@@ -64,11 +65,12 @@ def postgres_store(admin_url: str) -> Iterator[str]:
         connection.close()
 
 
-def measure(url: str, workers: int, trials: int, cwd: Path) -> dict:
+def measure(url: str, workers: int, trials: int, cwd: Path, preset: str = "smoke",
+            epochs: int = 1) -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
     args = [
-        sys.executable, "-m", "hpo.cli", "run", "--trials", str(trials), "--preset", "smoke",
-        "--epochs", "1", "--pruner", "none", "--sampler", "random", "--seed", "0",
+        sys.executable, "-m", "hpo.cli", "run", "--trials", str(trials), "--preset", preset,
+        "--epochs", str(epochs), "--pruner", "none", "--sampler", "random", "--seed", "0",
         "--workers", str(workers), "--device", "cpu", "--storage", url, "--study", "bench",
         "--quiet",
     ]  # fmt: skip
@@ -101,6 +103,8 @@ def measure(url: str, workers: int, trials: int, cwd: Path) -> dict:
         "startup_s": round(first_start - launched, 2),
         "tail_s": round(launched + wall - last_end, 2),
         "loop_ms": round(1000 * (workers * span - train) / trials, 1),
+        # Share of all worker time (start-up and tail included) not spent training.
+        "overhead_share": round((workers * wall - train) / (workers * wall), 4),
     }
 
 
@@ -116,6 +120,8 @@ def main() -> None:
         ),
         help="admin URL; a fresh database is created (and dropped) for each measurement",
     )
+    parser.add_argument("--preset", default="smoke")
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -127,7 +133,8 @@ def main() -> None:
                 cwd = Path(tmp)
                 maker = sqlite_store(cwd) if store == "sqlite" else postgres_store(args.postgres)
                 with maker as url:
-                    row = {"store": store, **measure(url, workers, args.trials, cwd)}
+                    row = {"store": store, "preset": args.preset, "epochs": args.epochs,
+                           **measure(url, workers, args.trials, cwd, args.preset, args.epochs)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
 
@@ -135,8 +142,9 @@ def main() -> None:
         f"cpus {os.cpu_count()}, {platform.processor() or platform.machine()}, "
         f"python {platform.python_version()}, optuna {optuna.__version__}"
     )
-    header = ("store", "workers", "trials", "wall_s", "train_s_per_trial", "overhead_s",
-              "worker_s", "startup_s", "tail_s", "loop_ms")  # fmt: skip
+    header = ("store", "preset", "epochs", "workers", "trials", "wall_s", "train_s_per_trial",
+              "overhead_s", "worker_s", "startup_s", "tail_s", "loop_ms",
+              "overhead_share")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
