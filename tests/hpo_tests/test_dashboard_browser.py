@@ -13,7 +13,6 @@ to install them (`.ci/run` installs both when they are missing), so CI cannot pa
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -125,9 +124,11 @@ def browser():
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # SE_OFFLINE: Selenium Manager must not try to download a driver (there is no network).
-    os.environ.setdefault("SE_OFFLINE", "true")
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    with pytest.MonkeyPatch.context() as patch:
+        # Both paths are given, so Selenium Manager has nothing to find; should it run anyway,
+        # it must not try to download (there is no network).
+        patch.setenv("SE_OFFLINE", "true")
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     yield driver
     driver.quit()
 
@@ -178,6 +179,8 @@ def count(driver, selector: str) -> int:
 
 
 def test_study_page_draws_history_and_intermediate_values(study, dashboard, browser):
+    from selenium.webdriver.common.by import By
+
     trials = study.load().get_trials()
     # The history plot shows complete trials at their value and, with its default "include
     # PRUNED trials" switch on, pruned ones at their last reported value; failed ones have none.
@@ -214,6 +217,11 @@ def test_study_page_draws_history_and_intermediate_values(study, dashboard, brow
     assert count(browser, "#graph-hyperparameter-importances .bars path") >= 1
     path = screenshot(browser, "dashboard-study.png")
     assert path.stat().st_size > 10_000
+    graph = browser.find_element(By.ID, "graph-intermediate-values")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", graph)
+    path = ARTIFACTS / "dashboard-intermediate-values.png"
+    assert graph.screenshot(str(path))
+    print(f"screenshot: {path}")
     assert_console_clean(browser)
 
 
