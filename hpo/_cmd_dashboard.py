@@ -39,8 +39,8 @@ def dashboard(
         store = open_storage(location, create=False, heartbeat=False)
         page = "/dashboard"
         if study is not None:
-            the_study = load_existing_study(store, study)
-            page = f"/dashboard/studies/{the_study._study_id}"
+            name = load_existing_study(store, study).study_name
+            page = f"/dashboard/studies/{store.get_study_id_from_name(name)}"
         server = bind(dashboard_app(store), host, port)
     except (StorageError, StudyError, DashboardError) as error:
         fail(str(error), EXIT_USAGE)
