@@ -79,22 +79,34 @@ def _draw_sources(config: ExperimentConfig, batch: int, rng: torch.Generator
     # the slot loop is K_max short steps, not K_max x 32 rounds of small operations.
     azimuth = uniform(-az_max, az_max, (batch, k_max, 1 + _REDRAWS))
     elevation = uniform(-el_max, el_max, (batch, k_max, 1 + _REDRAWS))
-    chosen_az, chosen_el = [azimuth[:, 0, 0]], [elevation[:, 0, 0]]
-    candidates = torch.arange(1 + _REDRAWS)
-    for slot in range(1, k_max):
-        earlier_az = torch.stack(chosen_az, dim=1)[:, None, :]  # (B, 1, slot)
-        earlier_el = torch.stack(chosen_el, dim=1)[:, None, :]
-        close = (((azimuth[:, slot, :, None] - earlier_az).abs() < sep)
-                 & ((elevation[:, slot, :, None] - earlier_el).abs() < sep)).any(-1)
-        free = ~close | (candidates == _REDRAWS)  # (B, 1 + _REDRAWS); the last always qualifies
-        first = free.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first True
-        chosen_az.append(azimuth[:, slot].gather(1, first).squeeze(1))
-        chosen_el.append(elevation[:, slot].gather(1, first).squeeze(1))
-    azimuth, elevation = torch.stack(chosen_az, dim=1), torch.stack(chosen_el, dim=1)
+    azimuth, elevation = pick_separated(azimuth, elevation, sep)
     range_m = uniform(config.range_min_m, config.range_max_m, (batch, k_max))
     power_db = config.source_power_db_max - uniform(0.0, config.power_range_db, (batch, k_max))
     snr_db = uniform(config.snr_db_min, config.snr_db_max, (batch,))
     return n_sources, azimuth, elevation, range_m, 10.0 ** (power_db / 10.0), snr_db
+
+
+def pick_separated(azimuth: torch.Tensor, elevation: torch.Tensor, separation: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot's first candidate not within `separation` in both angles of an earlier slot.
+
+    azimuth, elevation: (B, K, C) candidates per slot (C = 1 + redraws); slot 0 takes its first.
+    A slot whose every candidate is too close takes its last. Returns (B, K) each. Vectorised over
+    the candidates: K short steps instead of K x C rounds of small operations.
+    """
+    n_candidates = azimuth.shape[-1]
+    chosen_az, chosen_el = [azimuth[:, 0, 0]], [elevation[:, 0, 0]]
+    last = torch.arange(n_candidates, device=azimuth.device) == n_candidates - 1
+    for slot in range(1, azimuth.shape[1]):
+        earlier_az = torch.stack(chosen_az, dim=1)[:, None, :]  # (B, 1, slot)
+        earlier_el = torch.stack(chosen_el, dim=1)[:, None, :]
+        close = (((azimuth[:, slot, :, None] - earlier_az).abs() < separation)
+                 & ((elevation[:, slot, :, None] - earlier_el).abs() < separation)).any(-1)
+        free = ~close | last  # (B, C); the last candidate always qualifies
+        first = free.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first True
+        chosen_az.append(azimuth[:, slot].gather(1, first).squeeze(1))
+        chosen_el.append(elevation[:, slot].gather(1, first).squeeze(1))
+    return torch.stack(chosen_az, dim=1), torch.stack(chosen_el, dim=1)
 
 
 def generate_scenes(config: ExperimentConfig, deployment: Deployment, n_scenes: int,
