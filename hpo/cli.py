@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpo import _cmd_dashboard, _cmd_report, _cmd_study, _cmd_train  # noqa: F401  (importing registers the commands)
+from hpo import _cmd_dashboard, _cmd_evaluate, _cmd_report, _cmd_study, _cmd_train  # noqa: F401  (importing registers the commands)
 from hpo._app import app
 
 

@@ -6,6 +6,7 @@ callback once per epoch.
 
 from __future__ import annotations
 
+from pipeline._benchmark_eval import EvaluationResult, evaluate_model
 from pipeline._config import (
     PRESETS,
     ExperimentConfig,
@@ -16,7 +17,9 @@ from pipeline._config import (
     preset,
     replace,
 )
+from pipeline._crb import cramer_rao_bound
 from pipeline._errors import CheckpointError, ConfigError, NumericalError, PipelineError
+from pipeline._pursuit import matching_pursuit
 from pipeline._train import (
     EpochMetrics,
     TrainResult,
@@ -31,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "EpochMetrics",
+    "EvaluationResult",
     "ExperimentConfig",
     "NumericalError",
     "PipelineError",
@@ -38,9 +42,12 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "cramer_rao_bound",
+    "evaluate_model",
     "field_names",
     "load_checkpoint",
     "load_model",
+    "matching_pursuit",
     "preset",
     "replace",
     "resolve_device",

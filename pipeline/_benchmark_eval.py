@@ -12,8 +12,10 @@ Five rows on the same scenes:
 
 Scenes come from the test stream of the checkpoint's data seed (`split_seeds(config.seed)["test"]`,
 disjoint by construction from the train and validation streams), chunk c of evaluation seed S
-drawn from the child seed (test stream, S, c). Seed 0 gives the test split itself. Chunks are
-always drawn whole, so the first n scenes of a larger evaluation are the scenes of a smaller one.
+drawn from the child seed (test stream, S, c): seed 0 gives the test split itself (as
+`load_split(config, deployment, "test", n, chunk=SCENE_CHUNK)` draws it, for whole chunks).
+Chunks are always drawn whole, so the scenes of a smaller evaluation are the first ones of a
+larger one.
 """
 
 from __future__ import annotations

@@ -1,0 +1,272 @@
+"""`hpo evaluate`: a trained model against classical MUSIC, matching pursuit, the oracle and the CRB.
+
+The work is `pipeline._benchmark_eval.evaluate_model`; this module resolves the checkpoint, checks
+the output directory before anything runs, prints the tables and writes them as CSV, JSON and a
+plot of RMSE against SNR with the CRB line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hpo._app import app
+from hpo._common import fail
+from pipeline import PipelineError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+CSV_NAME = "evaluation.csv"
+JSON_NAME = "evaluation.json"
+PLOT_NAME = "rmse_vs_snr.png"
+# Trial user attributes that may name a saved checkpoint (none is written by the workers today).
+_CHECKPOINT_ATTRS = ("checkpoint", "checkpoint_path")
+
+# Printed columns: (header, row key, format). The CSV and JSON hold every key.
+_COLUMNS = (
+    ("K acc", "k_accuracy", "{:.3f}"),
+    ("over", "k_over", "{:.3f}"),
+    ("under", "k_under", "{:.3f}"),
+    ("rmse az", "rmse_azimuth_deg", "{:.2f}"),
+    ("el", "rmse_elevation_deg", "{:.2f}"),
+    ("r m", "rmse_range_m", "{:.3f}"),
+    ("r/r", "rmse_range_relative", "{:.3f}"),
+    ("med az", "median_azimuth_deg", "{:.2f}"),
+    ("el", "median_elevation_deg", "{:.2f}"),
+    ("r m", "median_range_m", "{:.3f}"),
+    ("inl az", "inlier_rmse_azimuth_deg", "{:.2f}"),
+    ("el", "inlier_rmse_elevation_deg", "{:.2f}"),
+    ("r m", "inlier_rmse_range_m", "{:.3f}"),
+    ("success", "success_rate", "{:.3f}"),
+    ("score", "composite", "{:.2f}"),
+    ("/crb az", "rmse_over_crb_azimuth_deg", "{:.1f}"),
+    ("el", "rmse_over_crb_elevation_deg", "{:.1f}"),
+    ("r", "rmse_over_crb_range_m", "{:.1f}"),
+)
+_SHORT_LABELS = {"learned": "learned", "samp": "R_samp", "pursuit": "pursuit",
+                 "oracle": "R_true", "crb": "CRB"}
+
+
+def _resolve_checkpoint(checkpoint: Path | None, from_best: bool, storage: str | None,
+                        study: str | None) -> Path:
+    if checkpoint is not None and from_best:
+        fail("give either --checkpoint or --from-best, not both", EXIT_USAGE)
+    if checkpoint is None and not from_best:
+        fail("give --checkpoint PATH (a checkpoint of `hpo train`) or --from-best", EXIT_USAGE)
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            fail(f"no checkpoint file at {checkpoint}", EXIT_USAGE)
+        return checkpoint
+    from hpo._cmd_study import _open_study
+    from hpo._study import best_trial, study_settings
+
+    _, the_study = _open_study(storage, study)
+    settings = study_settings(the_study)
+    trial = best_trial(the_study.get_trials(deepcopy=False),
+                       settings.direction if settings else "minimize")
+    if trial is None:
+        fail(f"study {the_study.study_name!r} has no complete trial yet", EXIT_FAILED)
+    for key in _CHECKPOINT_ATTRS:
+        saved = trial.user_attrs.get(key)
+        if saved and Path(saved).is_file():
+            return Path(saved)
+    fail(f"best trial {trial.number} of study {the_study.study_name!r} has no saved checkpoint; "
+         "run `hpo train --from-best` first and pass its checkpoint with --checkpoint",
+         EXIT_USAGE)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch's own messages run to several lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _prepare_out(out: Path) -> None:
+    """Create --out and prove it writable before any work, so a bad path costs nothing."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{time.time_ns()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        fail(f"cannot write to output directory {out}: {error.strerror or error}", EXIT_USAGE)
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return spec.format(value)
+
+
+def format_tables(rows: list[dict[str, Any]]) -> str:
+    """The printed tables: all scenes, then one block per SNR bin, then one per K."""
+    lines = []
+    header = f"{'':<9}" + "".join(f"{name:>8}" for name, _, _ in _COLUMNS)
+    titles = {"all": "all scenes", "snr": "SNR {} dB", "k": "K = {}"}
+    seen: list[tuple[str, str]] = []
+    for row in rows:
+        if (row["group"], row["bin"]) not in seen:
+            seen.append((row["group"], row["bin"]))
+    for group, label in seen:
+        block = [r for r in rows if r["group"] == group and r["bin"] == label]
+        count = block[0]["n_scenes"]
+        lines.append(f"{titles[group].format(label)} ({count} scenes, "
+                     f"{block[0]['n_sources']} sources)")
+        lines.append(header)
+        for row in block:
+            cells = "".join(f"{_cell(row.get(key), spec):>8}" for _, key, spec in _COLUMNS)
+            lines.append(f"{_SHORT_LABELS[row['method']]:<9}{cells}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in keys})
+    path.write_text(buffer.getvalue())
+
+
+def _write_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """RMSE of azimuth, elevation and range against the SNR bin centre, with the CRB line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    snr_rows = [r for r in rows if r["group"] == "snr"]
+    bins = list(dict.fromkeys(r["bin"] for r in snr_rows))
+    centres = [sum(float(x) for x in b.split("..")) / 2 for b in bins]
+    figure, axes = pyplot.subplots(1, 3, figsize=(14, 4.2))
+    panels = (("rmse_azimuth_deg", "azimuth RMSE (deg)"),
+              ("rmse_elevation_deg", "elevation RMSE (deg)"),
+              ("rmse_range_m", "range RMSE (m)"))
+    styles = {"learned": "o-", "samp": "s-", "pursuit": "^-", "oracle": "d-", "crb": "k--"}
+    for axis, (key, title) in zip(axes, panels):
+        for method, style in styles.items():
+            values = []
+            for b in bins:
+                match = [r.get(key) for r in snr_rows if r["method"] == method and r["bin"] == b]
+                value = match[0] if match else None
+                values.append(value if value is not None and value > 0 else math.nan)
+            label = "sqrt(CRB)" if method == "crb" else _SHORT_LABELS[method]
+            axis.semilogy(centres, values, style, label=label)
+        axis.set_xlabel("SNR (dB, bin centre)")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", "-c", dir_okay=False,
+                     help="Checkpoint written by `hpo train` (checkpoint.pt or best.pt)."),
+    ] = None,
+    from_best: Annotated[
+        bool, typer.Option("--from-best", help="Use the checkpoint of the study's best trial.")
+    ] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option("--storage", help="Store URL for --from-best [default: $HPO_STORAGE, "
+                     "else sqlite:///hpo.db].", show_default=False),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study for --from-best [default: the only one].")
+    ] = None,
+    scenes: Annotated[int, typer.Option("--scenes", help="Fresh test scenes to evaluate.")] = 2000,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Evaluation seed: picks the test scenes (0 = the test "
+                          "split itself); the same seed gives the same scenes and table.")
+    ] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", file_okay=False, help="Directory for evaluation.csv, "
+                     "evaluation.json and rmse_vs_snr.png [default: <checkpoint dir>/"
+                     "evaluate-seed<S>-n<scenes>]."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")
+    ] = "auto",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of the tables.")
+    ] = False,
+) -> None:
+    """Evaluate a trained model on fresh test scenes against the references, per SNR bin and K."""
+    if scenes < 1:
+        fail(f"--scenes must be >= 1, but got {scenes}", EXIT_USAGE)
+    if seed < 0:
+        fail(f"--seed must be >= 0, but got {seed}", EXIT_USAGE)
+    path = _resolve_checkpoint(checkpoint, from_best, storage, study)
+    run_dir = out or path.parent / f"evaluate-seed{seed}-n{scenes}"
+    _prepare_out(run_dir)
+
+    from pipeline import evaluate_model, load_model, resolve_device
+
+    try:
+        torch_device = resolve_device(device)
+        model, config, deployment = load_model(path, torch_device)
+    except PipelineError as error:
+        fail(_first_line(error), EXIT_USAGE)
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        # A checkpoint of an older model: load_state_dict lists every mismatched tensor.
+        fail(f"checkpoint {path} does not fit this version of the model: {_first_line(error)}",
+             EXIT_USAGE)
+
+    def progress(done: int, total: int) -> None:
+        if not as_json:
+            typer.echo(f"\r{done}/{total} scenes", err=True, nl=done >= total)
+
+    if not as_json:
+        typer.echo(f"evaluating {path} on {scenes} test scenes (seed {seed}) on {torch_device}")
+    started = time.perf_counter()
+    try:
+        result = evaluate_model(model, config, deployment, n_scenes=scenes, seed=seed,
+                                progress=progress)
+    except PipelineError as error:
+        fail(f"{type(error).__name__}: {_first_line(error)}", EXIT_FAILED)
+    elapsed = time.perf_counter() - started
+    payload = {
+        "checkpoint": str(path),
+        "n_scenes": result.n_scenes,
+        "seed": result.seed,
+        "device": str(torch_device),
+        "seconds": {"total": elapsed, **result.seconds},
+        "methods": {"learned": "MUSIC on the learned R_blend, K from the K head",
+                    "samp": "MUSIC on R_samp, K from MDL",
+                    "pursuit": "orthogonal matching pursuit on the coded dictionary, K from MDL",
+                    "oracle": "MUSIC on R_true, true K",
+                    "crb": "stochastic CRB, all positions, powers and noise variance unknown"},
+        "rows": result.rows,
+        "config": result.config,
+    }
+    try:
+        (run_dir / JSON_NAME).write_text(json.dumps(payload, indent=1))
+        _write_csv(result.rows, run_dir / CSV_NAME)
+        _write_plot(result.rows, run_dir / PLOT_NAME)
+    except OSError as error:
+        fail(f"cannot write the results to {run_dir}: {error.strerror or error}", EXIT_FAILED)
+    if as_json:
+        typer.echo(json.dumps(payload))
+        return
+    typer.echo(format_tables(result.rows))
+    typer.echo("errors in deg / m; r/r: RMSE of range error relative to r; inl: RMSE of the "
+               "pairs within 3 deg / 3 deg / 0.5 m; /crb: RMSE / sqrt(CRB) of the same pairs")
+    typer.echo(f"{elapsed:.1f} s; wrote {run_dir / CSV_NAME}, {run_dir / JSON_NAME}, "
+               f"{run_dir / PLOT_NAME}")

@@ -1,0 +1,80 @@
+"""The evaluation's scenes (pipeline._benchmark_eval): test stream, disjoint from training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import _benchmark_eval, _data
+from pipeline._benchmark_eval import SCENE_CHUNK, evaluation_scenes
+from pipeline._config import PRESETS, replace
+from pipeline._data import SceneBatch, iterate_batches, load_split
+from pipeline._physics import Deployment
+
+CONFIG = replace(PRESETS["smoke"], n_train=64, epochs=3)
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Deployment:
+    return Deployment.build(CONFIG)
+
+
+def _seed_states(monkeypatch, module, run) -> set[tuple[int, ...]]:
+    """The SeedSequence states handed to generate_scenes while `run()` draws scenes."""
+    states: set[tuple[int, ...]] = set()
+    original = _data.generate_scenes
+
+    def recording(config, deployment, n_scenes, seed):
+        states.add(tuple(int(x) for x in seed.generate_state(4)))
+        return original(config, deployment, n_scenes, seed)
+
+    monkeypatch.setattr(module, "generate_scenes", recording)
+    run()
+    monkeypatch.undo()
+    return states
+
+
+def test_evaluation_streams_are_disjoint_from_training_and_validation(
+        monkeypatch, deployment: Deployment) -> None:
+    def training_and_validation() -> None:
+        for epoch in range(1, CONFIG.epochs + 1):
+            list(iterate_batches(CONFIG, deployment, "train", CONFIG.n_train, CONFIG.batch_size,
+                                 epoch=epoch))
+        load_split(CONFIG, deployment, "val", CONFIG.n_val)
+
+    used = _seed_states(monkeypatch, _data, training_and_validation)
+    assert len(used) == CONFIG.epochs * 2 + 1
+    for seed in (0, 1, 2):
+        evaluation = _seed_states(monkeypatch, _benchmark_eval,
+                                  lambda s=seed: evaluation_scenes(CONFIG, deployment, 300, s))
+        assert len(evaluation) == 2  # two chunks of SCENE_CHUNK
+        assert not evaluation & used
+    # And on the scenes themselves: no validation source reappears.
+    val = load_split(CONFIG, deployment, "val", CONFIG.n_val)
+    test = SceneBatch.concat(evaluation_scenes(CONFIG, deployment, 300, 0))
+    assert not set(val.azimuth_rad[val.source_mask].tolist()) & set(
+        test.azimuth_rad[test.source_mask].tolist())
+
+
+def test_seed_zero_is_the_test_split_and_prefixes_are_stable(deployment: Deployment) -> None:
+    n_scenes = SCENE_CHUNK + 10
+    chunks = evaluation_scenes(CONFIG, deployment, n_scenes, 0)
+    assert [c.size for c in chunks] == [SCENE_CHUNK, 10]
+    scenes = SceneBatch.concat(chunks)
+    # Whole chunks of seed 0 are the test split drawn in chunks of SCENE_CHUNK.
+    split = load_split(CONFIG, deployment, "test", SCENE_CHUNK, chunk=SCENE_CHUNK)
+    assert torch.equal(scenes.measurements[:SCENE_CHUNK], split.measurements)
+    # A last, partial chunk is the head of a whole one, so a smaller evaluation is a prefix.
+    longer = SceneBatch.concat(evaluation_scenes(CONFIG, deployment, 2 * SCENE_CHUNK, 0))
+    assert torch.equal(longer.measurements[:n_scenes], scenes.measurements)
+    shorter = SceneBatch.concat(evaluation_scenes(CONFIG, deployment, 5, 0))
+    assert torch.equal(shorter.measurements, scenes.measurements[:5])
+    other = SceneBatch.concat(evaluation_scenes(CONFIG, deployment, 5, 1))
+    assert not torch.equal(other.azimuth_rad, shorter.azimuth_rad)
+
+
+def test_bad_counts_are_rejected(deployment: Deployment) -> None:
+    with pytest.raises(ValueError, match="n_scenes"):
+        evaluation_scenes(CONFIG, deployment, 0, 0)
+    with pytest.raises(ValueError, match="seed"):
+        evaluation_scenes(CONFIG, deployment, 5, -1)
