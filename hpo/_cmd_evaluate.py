@@ -26,8 +26,6 @@ EXIT_FAILED = 1
 CSV_NAME = "evaluation.csv"
 JSON_NAME = "evaluation.json"
 PLOT_NAME = "rmse_vs_snr.png"
-# Trial user attributes that may name a saved checkpoint (none is written by the workers today).
-_CHECKPOINT_ATTRS = ("checkpoint", "checkpoint_path")
 
 # Printed columns: (header, row key, format). The CSV and JSON hold every key.
 _COLUMNS = (
@@ -65,21 +63,24 @@ def _resolve_checkpoint(checkpoint: Path | None, from_best: bool, storage: str |
             fail(f"no checkpoint file at {checkpoint}", EXIT_USAGE)
         return checkpoint
     from hpo._cmd_study import _open_study
-    from hpo._study import best_trial, study_settings
+    from hpo._study import ATTR_CHECKPOINT, best_trial, study_settings
 
     _, the_study = _open_study(storage, study)
     settings = study_settings(the_study)
     trial = best_trial(the_study.get_trials(deepcopy=False),
                        settings.direction if settings else "minimize")
+    name = the_study.study_name
     if trial is None:
-        fail(f"study {the_study.study_name!r} has no complete trial yet", EXIT_FAILED)
-    for key in _CHECKPOINT_ATTRS:
-        saved = trial.user_attrs.get(key)
-        if saved and Path(saved).is_file():
-            return Path(saved)
-    fail(f"best trial {trial.number} of study {the_study.study_name!r} has no saved checkpoint; "
-         "run `hpo train --from-best` first and pass its checkpoint with --checkpoint",
-         EXIT_USAGE)
+        fail(f"study {name!r} has no complete trial yet", EXIT_FAILED)
+    saved = trial.user_attrs.get(ATTR_CHECKPOINT)
+    if not saved:
+        fail(f"best trial {trial.number} of study {name!r} has no saved checkpoint; run `hpo train --from-best` first and pass its "
+             "checkpoint with --checkpoint", EXIT_USAGE)
+    if not Path(saved).is_file():
+        fail(f"best trial {trial.number} of study {name!r} saved {saved}, which is not there "
+             "(another node's disk?); run `hpo train --from-best` first and pass its "
+             "checkpoint with --checkpoint", EXIT_USAGE)
+    return Path(saved)
 
 
 def _first_line(error: BaseException) -> str:

@@ -127,6 +127,10 @@ def test_from_best_without_a_saved_checkpoint_says_what_to_do(tmp_path: Path) ->
     url = _study_with_best_trial(tmp_path, {"config": {}})
     assert_one_line_error(invoke("evaluate", "--from-best", "--storage", url),
                           "run `hpo train --from-best` first")
+    (tmp_path / "gone").mkdir()
+    url = _study_with_best_trial(tmp_path / "gone", {"checkpoint": str(tmp_path / "gone.pt")})
+    assert_one_line_error(invoke("evaluate", "--from-best", "--storage", url),
+                          "which is not there")
 
 
 def test_from_best_uses_the_trial_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
