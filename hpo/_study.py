@@ -317,7 +317,9 @@ def _void_half_claims(study: optuna.Study) -> None:
     creating and tagging them) may have no heartbeat and would stay RUNNING forever; void them."""
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if ATTR_CLAIMED_UNIX in trial.user_attrs or trial.datetime_start is None:
+        # A claim records the heartbeat before the pid: a trial with a pid has a heartbeat, and
+        # going stale ends it if its worker vanished.
+        if ATTR_WORKER_PID in trial.user_attrs or trial.datetime_start is None:
             continue
         # datetime_start is naive UTC (every process runs with TZ=UTC)
         started = trial.datetime_start.replace(tzinfo=datetime.UTC).timestamp()

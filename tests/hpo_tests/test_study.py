@@ -16,12 +16,15 @@ from hpo._study import (
     RequeueStaleTrial,
     StudyError,
     StudySettings,
+    _void,
     check_compatible,
+    checkpoint_dir_for,
     claim_trial,
     count_trials,
     create_or_load_study,
     fail_trial,
     load_existing_study,
+    prune_checkpoints,
     study_counts,
 )
 from storage import open_storage
@@ -106,6 +109,43 @@ def test_stale_trials_are_failed_and_requeued_by_the_next_claim(tmp_path):
     assert retry.user_attrs["retry_of"] == lost.number
     assert retry.params == study.get_trials()[lost.number].params
     assert study.get_trials()[lost.number].state == TrialState.FAIL
+    assert "no heartbeat for 1 s" in study.get_trials()[lost.number].user_attrs["fail_reason"]
+    assert retry.user_attrs["retry_count"] == 1 and retry.user_attrs["retry_chain"] == [0]
+
+
+def test_a_voided_claim_counts_nowhere_and_gives_its_retry_back(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'void.db'}")
+    study = create_or_load_study(storage, "void", SETTINGS, budget=2)
+    first = claim_trial(study, 2)
+    first.suggest_int("n", 0, 100)
+    assert fail_trial(study, first._trial_id, "interrupted", requeue=True)
+    retry = claim_trial(study, 2)  # takes the queued retry...
+    _void(study, retry._trial_id, "claim not confirmed: LockLostError")  # ...and loses its lock
+    counts = study_counts(study)
+    assert (counts.finished, counts.void, counts.waiting, counts.running) == (0, 1, 1, 0)
+    again = claim_trial(study, 2)
+    assert again.user_attrs["retry_of"] == first.number and again.params == first.params
+
+
+def test_prune_checkpoints_keeps_unfinished_chains_and_the_best_complete(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'ckpt.db'}")
+    study = create_or_load_study(storage, "ckpt", SETTINGS, budget=10)
+    root = tmp_path / "checkpoints"
+    for value in (3.0, 1.0, 2.0):  # trials 0, 1, 2
+        trial = claim_trial(study, 10)
+        study.tell(trial, value)
+    pruned = claim_trial(study, 10)  # 3
+    study.tell(pruned, state=TrialState.PRUNED)
+    running = claim_trial(study, 10)  # 4
+    interrupted = claim_trial(study, 10)  # 5, re-queued: its retry will need the checkpoint
+    fail_trial(study, interrupted._trial_id, "interrupted", requeue=True)
+    for number in range(6):
+        checkpoint_dir_for(root, "ckpt", number).mkdir(parents=True)
+    removed = prune_checkpoints(study, root, keep=2)
+    assert sorted(int(p.name.split("-")[1]) for p in removed) == [0, 3]
+    left = sorted(int(p.name.split("-")[1]) for p in (root / "ckpt").iterdir())
+    assert left == [1, 2, 4, 5]
+    assert running.number == 4
 
 
 _CLAIMER = textwrap.dedent(
