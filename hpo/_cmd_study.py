@@ -370,8 +370,13 @@ def status(
     direction = settings.direction if settings else "minimize"
     best = best_trial(trials, direction)
     budget = the_study.user_attrs.get(ATTR_BUDGET)
+    requeued = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
     failures = [
-        {"number": t.number, "reason": t.user_attrs.get(ATTR_FAIL_REASON, "no heartbeat (stale)")}
+        {
+            "number": t.number,
+            "reason": t.user_attrs.get(ATTR_FAIL_REASON, "no heartbeat (stale)"),
+            "requeued": t.number in requeued,
+        }
         for t in trials
         if t.state == TrialState.FAIL and ATTR_VOID not in t.user_attrs
     ]
@@ -441,7 +446,8 @@ def status(
             f"{entry['state']}"
         )
     for failure in failures[-5:]:
-        typer.echo(f"  failed trial {failure['number']}: {failure['reason']}")
+        again = " (re-queued)" if failure["requeued"] else ""
+        typer.echo(f"  failed trial {failure['number']}{again}: {failure['reason']}")
 
 
 @app.command()

@@ -7,9 +7,12 @@ through a separate connection.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,6 +89,21 @@ def test_kill_9_of_a_worker_mid_trial_resumes_from_its_checkpoint(postgres_url, 
     check_resumed(trials, killed, retry, killed_steps=killed_steps)
     assert retry.user_attrs["claimed_unix"] - killed_at < 60
     print(f"death -> retry claimed: {retry.user_attrs['claimed_unix'] - killed_at:.1f} s")
+    status = subprocess.run(
+        [sys.executable, "-m", "hpo.cli", "status", "--storage", postgres_url, "--study", name,
+         "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    payload = json.loads(status.stdout)
+    assert {
+        "number": retry.number,
+        "retry_of": killed.number,
+        "retry_count": 1,
+        "resumed_from_epoch": retry.user_attrs["resumed_from_epoch"],
+        "state": "COMPLETE",
+    } in payload["retries"]
+    [failure] = [f for f in payload["failures"] if f["number"] == killed.number]
+    assert failure["requeued"] and "SIGKILL" in failure["reason"]
 
 
 def test_a_lost_node_is_noticed_by_heartbeat_and_its_trial_resumes_elsewhere(
