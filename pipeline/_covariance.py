@@ -241,18 +241,25 @@ def blend_low_rank(r_pred: LowRank, r_samp: LowRank, beta: float) -> LowRank:
 
 
 def _inner(left: LowRank, right: LowRank) -> torch.Tensor:
-    """<L, R>_F of the low-rank parts: sum_ij w_i v_j |(P^H Q)_ij|^2; (B,) float32."""
-    gram = left.factor.conj().transpose(-2, -1) @ right.factor  # (B, r_left, r_right)
+    """<L, R>_F of the low-rank parts: sum_ij w_i v_j |(P^H Q)_ij|^2; (B,) float64."""
+    gram = (left.factor.to(torch.complex128).conj().transpose(-2, -1)
+            @ right.factor.to(torch.complex128))  # (B, r_left, r_right)
     magnitude = torch.view_as_real(gram).square().sum(-1)
-    return (left.weight[:, :, None] * magnitude * right.weight[:, None, :]).sum(dim=(-2, -1))
+    return (left.weight.double()[:, :, None] * magnitude
+            * right.weight.double()[:, None, :]).sum(dim=(-2, -1))
 
 
 def nmse_low_rank(estimate: LowRank, target: LowRank) -> torch.Tensor:
-    """`nmse(estimate.dense(), target.dense())` from r x r Gram matrices; (B,) float32."""
+    """`nmse(estimate.dense(), target.dense())` from r x r Gram matrices; (B,) float32.
+
+    The error is a difference of norms, ||A||^2 + ||B||^2 - 2 <A, B>; in float32 its rounding
+    would leave ~1e-7 where A = B (the dense form gives exactly 0), so the r x r products and the
+    sums run in float64 (r x r: cheap).
+    """
     n = estimate.n_elements
     pp, qq, pq = _inner(estimate, estimate), _inner(target, target), _inner(estimate, target)
-    c, d = estimate.identity, target.identity
-    tp, tq = estimate.low_rank_trace(), target.low_rank_trace()
+    c, d = estimate.identity.double(), target.identity.double()
+    tp, tq = estimate.low_rank_trace().double(), target.low_rank_trace().double()
     target_norm = qq + 2 * d * tq + d * d * n
     error = pp + qq - 2 * pq + 2 * (c - d) * (tp - tq) + (c - d).square() * n
-    return error.clamp_min(0.0) / target_norm.clamp_min(_TINY)
+    return (error.clamp_min(0.0) / target_norm.clamp_min(_TINY)).float()
