@@ -28,6 +28,7 @@ import optuna
 import torch
 
 from pipeline import (
+    CHECKPOINT_NAME,
     CheckpointError,
     EpochMetrics,
     ExperimentConfig,
@@ -37,9 +38,9 @@ from pipeline import (
 )
 
 _logger = logging.getLogger(__name__)
-# The file pipeline.train writes in its checkpoint_dir each epoch (pipeline._train.CHECKPOINT_NAME;
-# run_trial checks that train resumed from the epoch read here).
-CHECKPOINT_FILE = "checkpoint.pt"
+# The file pipeline.train writes in its checkpoint_dir each epoch (run_trial checks that train
+# resumed from the epoch read here).
+CHECKPOINT_FILE = CHECKPOINT_NAME
 
 
 def objective_value(metrics: EpochMetrics, objective: str) -> float:

@@ -21,6 +21,7 @@ from pipeline._crb import cramer_rao_bound
 from pipeline._errors import CheckpointError, ConfigError, NumericalError, PipelineError
 from pipeline._pursuit import matching_pursuit
 from pipeline._train import (
+    CHECKPOINT_NAME,
     EpochMetrics,
     TrainResult,
     load_checkpoint,
@@ -30,6 +31,7 @@ from pipeline._train import (
 )
 
 __all__ = [
+    "CHECKPOINT_NAME",
     "PRESETS",
     "CheckpointError",
     "ConfigError",

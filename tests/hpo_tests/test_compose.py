@@ -114,7 +114,12 @@ def test_the_worker_command_is_a_real_hpo_run(compose):
     assert (
         dashboard["environment"]["HPO_STORAGE"] == services["worker"]["environment"]["HPO_STORAGE"]
     )
-    assert "optuna-dashboard" in " ".join(dashboard["command"])
+    # ... through `hpo dashboard` (a real invocation of our parser), which reads $HPO_STORAGE.
+    assert dashboard["command"][:2] == ["hpo", "dashboard"]
+    serve = cli.get_command(context, "dashboard")
+    serve_params = serve.make_context("dashboard", list(dashboard["command"][2:]),
+                                      parent=context).params
+    assert serve_params["port"] == 8080 and serve_params.get("storage") is None
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
