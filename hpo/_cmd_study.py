@@ -58,7 +58,7 @@ def run(
         str | None, typer.Option("--study", help="Study name [default: ris-<preset>].")
     ] = None,
     preset: Annotated[
-        str, typer.Option("--preset", "-p", help="Base config: smoke, quick or full.")
+        str, typer.Option("--preset", "-p", help="Base config: smoke, quick, medium or full.")
     ] = "quick",
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Epochs per trial [default: the preset's].")
@@ -86,7 +86,7 @@ def run(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", help="Worker processes [default: one per GPU, or 1 on CPU]."),
+        typer.Option("--workers", help="Worker processes [default: one per GPU, or one per core (at most 8) on CPU]."),
     ] = None,
     gpus: Annotated[
         str | None, typer.Option("--gpus", help="GPUs to use, e.g. 0,1,3 [default: all].")

@@ -22,8 +22,10 @@ def plan(**kwargs):
     return plan_slots(**{**args, **kwargs})
 
 
-def test_cpu_default_is_one_worker_with_all_cores():
-    assert plan() == [WorkerSlot(0, "cpu", "", 2)]
+def test_cpu_default_is_one_single_threaded_worker_per_core():
+    assert plan() == [WorkerSlot(0, "cpu", "", 1), WorkerSlot(1, "cpu", "", 1)]
+    assert plan(n_cpus=1) == [WorkerSlot(0, "cpu", "", 1)]
+    assert len(plan(n_cpus=64)) == 8 and all(s.threads == 8 for s in plan(n_cpus=64))
 
 
 def test_cpu_workers_share_the_cores_without_oversubscribing():
