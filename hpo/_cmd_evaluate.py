@@ -215,8 +215,6 @@ def evaluate(
     if seed < 0:
         fail(f"--seed must be >= 0, but got {seed}", EXIT_USAGE)
     path = _resolve_checkpoint(checkpoint, from_best, storage, study)
-    run_dir = out or path.parent / f"evaluate-seed{seed}-n{scenes}"
-    _prepare_out(run_dir)
 
     from pipeline import evaluate_model, load_model, resolve_device
 
@@ -229,6 +227,10 @@ def evaluate(
         # A checkpoint of an older model: load_state_dict lists every mismatched tensor.
         fail(f"checkpoint {path} does not fit this version of the model: {_first_line(error)}",
              EXIT_USAGE)
+    # Checked before the (minutes of) work, after the cheap checks, so no empty directory is
+    # left behind for a bad checkpoint.
+    run_dir = out or path.parent / f"evaluate-seed{seed}-n{scenes}"
+    _prepare_out(run_dir)
 
     def progress(done: int, total: int) -> None:
         if not as_json:

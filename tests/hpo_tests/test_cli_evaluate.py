@@ -104,6 +104,7 @@ def test_bad_input_is_one_line(checkpoint: Path, tmp_path: Path) -> None:
     corrupt.write_bytes(b"not a checkpoint at all")
     assert_one_line_error(invoke("evaluate", "--checkpoint", str(corrupt), "--out",
                                  str(tmp_path / "o1")), "cannot read checkpoint")
+    assert not (tmp_path / "o1").exists()  # nothing made for a run that cannot start
     assert_one_line_error(invoke("evaluate", "--checkpoint", str(checkpoint), "--scenes", "0"),
                           "--scenes must be >= 1")
     blocker = tmp_path / "a-file"
