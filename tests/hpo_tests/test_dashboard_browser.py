@@ -101,7 +101,7 @@ def dashboard(study):
     yield url
     process.send_signal(signal.SIGINT)  # Ctrl-C: stops cleanly, exit 0
     try:
-        _, stderr = process.communicate(timeout=20)
+        _, stderr = process.communicate(timeout=60)  # generous: a loaded CI machine
     except subprocess.TimeoutExpired:
         process.kill()
         raise
