@@ -171,7 +171,7 @@ PRESETS: dict[str, ExperimentConfig] = {
     # that README's `hpo run --trials 200 --preset quick` fits 15 minutes on a 2-core machine.
     "quick": ExperimentConfig(
         n_ris_rows=8, n_ris_cols=8, n_bs_antennas=8, n_snapshots=8, max_sources=3,
-        range_max_m=4.0, n_train=768, n_val=128, epochs=8,
+        range_max_m=4.0, n_train=640, n_val=128, epochs=8,
         n_grid_azimuth=19, n_grid_elevation=9, n_grid_range=4, conv_channels=16, model_width=64,
         model_depth=2,
         music_grid_azimuth=37, music_grid_elevation=19, music_grid_range=7, n_val_localize=128,
