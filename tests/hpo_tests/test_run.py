@@ -249,7 +249,8 @@ def test_ctrl_c_stops_within_seconds_leaves_nothing_behind_and_rerun_finishes(st
 def test_a_worker_that_dies_is_replaced_and_its_trial_recorded(tmp_path):
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     name = "dies"
-    args = ("run", "--trials", "3", "--preset", "smoke", "--epochs", "4", "--pruner", "none")
+    args = ("run", "--trials", "3", "--preset", "smoke", "--epochs", "4", "--pruner", "none",
+            "--workers", "1")  # the CPU default is one worker per core
     proc = subprocess.Popen(
         command(
             *args, "--storage", url, "--study", name, "--quiet", "--space", slow_trials(tmp_path)
