@@ -37,7 +37,7 @@ from hpo._study import (
     count_trials,
     fail_stale_trials,
     fail_trial,
-    prune_checkpoints,
+    prune_checkpoints_or_warn,
     stale_local_trials,
 )
 from hpo._worker import EXIT_DONE, EXIT_RECYCLE, WorkerSpec
@@ -424,17 +424,9 @@ class Launcher:
             self._say(f"re-queued trial(s) {', '.join(map(str, stale))}: no heartbeat")
 
     def _prune_checkpoints(self) -> None:
-        if self.spec.checkpoint_dir is None:
-            return
-        try:
-            self.retry(
-                lambda: prune_checkpoints(
-                    self.study, Path(self.spec.checkpoint_dir), keep=self.spec.keep_checkpoints
-                ),
-                "pruning checkpoints",
-            )
-        except Exception as e:  # noqa: BLE001  (disk housekeeping must not fail the run)
-            self._say(f"warning: could not prune checkpoints: {e}")
+        prune_checkpoints_or_warn(self.study, self.spec.checkpoint_dir,
+                                  keep=self.spec.keep_checkpoints, retry=self.retry,
+                                  warn=lambda line: self._say(f"warning: {line}"))
 
     # ------------------------------------------------------------------------------ progress
 

@@ -390,15 +390,7 @@ def _summary(
         "budget": study.user_attrs.get(ATTR_BUDGET),
         "n_trials": len(trials),
         "by_state": by_state,
-        "counts": {
-            "finished": counts.finished,
-            "complete": counts.complete,
-            "pruned": counts.pruned,
-            "failed": counts.failed,
-            "requeued": counts.requeued,
-            "running": counts.running,
-            "waiting": counts.waiting,
-        },
+        "counts": counts.to_dict(),
         "best": None
         if best is None
         else {

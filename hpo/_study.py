@@ -27,7 +27,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,14 @@ class StudyCounts:
     def used(self) -> int:
         """Budget slots taken: finished trials and the RUNNING ones that will finish."""
         return self.finished + self.running
+
+    def to_dict(self) -> dict[str, int]:
+        """The counts for JSON output (`hpo status --json`, `hpo report`'s summary)."""
+        return {
+            "finished": self.finished, "complete": self.complete, "pruned": self.pruned,
+            "failed": self.failed, "requeued": self.requeued, "running": self.running,
+            "waiting": self.waiting, "void": self.void,
+        }
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -471,6 +479,18 @@ def chain_root(trial: FrozenTrial | optuna.Trial) -> int:
 def checkpoint_dir_for(root_dir: Path, study_name: str, root: int) -> Path:
     """Where the trials of the chain starting at trial number `root` keep their checkpoints."""
     return root_dir / study_name / f"trial-{root}"
+
+
+def prune_checkpoints_or_warn(study: optuna.Study, root_dir: Path | str | None, *, keep: int,
+                              retry: Callable[..., Any], warn: Callable[[str], None]) -> None:
+    """`prune_checkpoints` through the store's reconnecting `retry`; a failure is passed to
+    `warn` as one line, never raised: disk housekeeping must not stop the study."""
+    if root_dir is None:
+        return
+    try:
+        retry(lambda: prune_checkpoints(study, Path(root_dir), keep=keep), "pruning checkpoints")
+    except Exception as e:  # noqa: BLE001
+        warn(f"could not prune checkpoints: {e}")
 
 
 def prune_checkpoints(study: optuna.Study, root_dir: Path, *, keep: int) -> list[Path]:

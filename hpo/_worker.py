@@ -395,21 +395,15 @@ class _Worker:
             return False
 
     def _prune_checkpoints(self, checkpoint_dir: Path | None) -> None:
-        from hpo._study import prune_checkpoints
+        from hpo._study import prune_checkpoints_or_warn
 
         if checkpoint_dir is None or self.spec.checkpoint_dir is None:
             return
         # The kept final checkpoints need no best-epoch copy: a trial's value is its last epoch.
         (checkpoint_dir / "best.pt").unlink(missing_ok=True)
-        try:
-            self.retry(
-                lambda: prune_checkpoints(
-                    self.study, Path(self.spec.checkpoint_dir), keep=self.spec.keep_checkpoints
-                ),
-                "pruning checkpoints",
-            )
-        except Exception as e:  # noqa: BLE001  (disk housekeeping must not stop the study)
-            _logger.warning("could not prune checkpoints: %s", e)
+        prune_checkpoints_or_warn(self.study, self.spec.checkpoint_dir,
+                                  keep=self.spec.keep_checkpoints, retry=self.retry,
+                                  warn=_logger.warning)
 
 
 if __name__ == "__main__":
