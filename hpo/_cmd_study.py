@@ -72,7 +72,12 @@ def run(
         ),
     ] = "composite",
     pruner: Annotated[
-        str, typer.Option("--pruner", help="hyperband (over the epochs), median or none.")
+        str,
+        typer.Option(
+            "--pruner",
+            help="hyperband (over the epochs), asha (asynchronous successive halving), median "
+            "or none.",
+        ),
     ] = "hyperband",
     sampler: Annotated[str, typer.Option("--sampler", help="tpe or random.")] = "tpe",
     seed: Annotated[
@@ -152,7 +157,7 @@ def run(
     """Run trials until the study holds --trials finished ones."""
     import optuna
 
-    from hpo._launch import Launcher, LaunchError, plan_slots
+    from hpo._launch import Launcher, LaunchError, plan_slots, start_method, warm_up
     from hpo._search_space import SpaceError, load_space
     from hpo._study import (
         OBJECTIVES,
@@ -204,6 +209,7 @@ def run(
             n_cpus=len(os.sched_getaffinity(0)),
             threads=threads,
         )
+        method = start_method()
         location = resolve_url(storage)
         settings = StudySettings(
             preset=preset,
@@ -218,6 +224,7 @@ def run(
             heartbeat_interval_s=heartbeat_interval,
             grace_period_s=grace_period,
         )
+        warm_up(method)  # the fork server imports torch while the study is opened
         the_study = create_or_load_study(
             store, name, settings, budget=trials, space=search_space.to_dict()
         )
@@ -269,6 +276,7 @@ def run(
         log_dir=log_dir,
         quiet=quiet,
         direction=settings.direction,
+        method=method,
     )
     try:
         result = launcher.run()
@@ -297,7 +305,8 @@ def run(
 
 
 def _visible_gpu_count(device: str) -> int:
-    if device == "cpu":
+    # No NVIDIA driver loaded: no GPU, and no need to import torch (1-2 s) in the launcher.
+    if device == "cpu" or not Path("/proc/driver/nvidia").exists():
         return 0
     import torch
 

@@ -41,7 +41,7 @@ from storage import store_lock
 _logger = logging.getLogger(__name__)
 
 OBJECTIVES: dict[str, str] = {"composite": "minimize", "nmse": "minimize"}  # name -> direction
-PRUNERS = ("hyperband", "median", "none")
+PRUNERS = ("hyperband", "asha", "median", "none")
 SAMPLERS = ("tpe", "random")
 MAX_RETRIES = 3  # an interrupted/stale trial is re-queued at most this many times in a chain
 
@@ -126,6 +126,12 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=1, max_resource=max(epochs, 1), reduction_factor=3
+        )
+    if name == "asha":
+        # Asynchronous successive halving: rungs at 1, 3, 9, ... epochs; a trial goes on past a
+        # rung only while it is in the best third of the trials that reached that rung.
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=1, reduction_factor=3, min_early_stopping_rate=0
         )
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)

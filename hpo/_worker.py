@@ -1,8 +1,8 @@
-"""One worker process of `hpo run`: `python -m hpo._worker SPEC_JSON`.
+"""One worker process of `hpo run`: `run_forked` in a process forked from the launcher's fork
+server, or `python -m hpo._worker SPEC_JSON` as a fresh interpreter (HPO_WORKER_START=exec).
 
-The launcher starts it as a fresh interpreter (never a fork) with the store URL in $HPO_STORAGE
-(never on the command line, where `ps` would show a password), its GPU in CUDA_VISIBLE_DEVICES
-and its thread count in OMP_NUM_THREADS. It opens its own store connection and loops: claim a
+The launcher gives it the store URL in $HPO_STORAGE (never on the command line, where `ps` would
+show a password), its GPU in CUDA_VISIBLE_DEVICES and its thread count in OMP_NUM_THREADS. It opens its own store connection and loops: claim a
 trial within the budget, train it, record the outcome, until the budget is used up.
 
 Signals: SIGINT/SIGTERM during training end the trial at once (FAIL, re-queued with the same
@@ -150,15 +150,49 @@ class _Heartbeat:
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Stop this worker (as if by SIGTERM) when the launcher that started it is gone."""
+    """Stop this worker (as if by SIGTERM) when the launcher that started it is gone.
+
+    The parent is the launcher, or the fork server, which exits when its launcher does; either
+    way this process is re-parented then."""
+    parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while os.getppid() == parent and _alive(parent_pid):
             time.sleep(1.0)
         _logger.warning("launcher %d is gone; stopping", parent_pid)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_forked(spec_json: str, env: dict[str, str], log_path: str) -> None:
+    """Entry point in a process forked from the fork server: become what `python -m hpo._worker`
+    would be (own session, the launcher's environment, output to the log), then run `main`."""
+    os.setsid()  # like start_new_session: a Ctrl-C at the terminal reaches the launcher only
+    os.environ.clear()
+    os.environ.update(env)
+    time.tzset()  # TZ=UTC: Optuna stores naive UTC datetimes
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    code = main([spec_json])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no multiprocessing atexit machinery; the exit code is the worker's
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ callback once per epoch.
 
 from __future__ import annotations
 
-from pipeline._benchmark_eval import EvaluationResult, evaluate_model
+from typing import TYPE_CHECKING, Any
+
 from pipeline._config import (
     PRESETS,
     ExperimentConfig,
@@ -17,18 +18,49 @@ from pipeline._config import (
     preset,
     replace,
 )
-from pipeline._crb import cramer_rao_bound
 from pipeline._errors import CheckpointError, ConfigError, NumericalError, PipelineError
-from pipeline._pursuit import matching_pursuit
-from pipeline._train import (
-    CHECKPOINT_NAME,
-    EpochMetrics,
-    TrainResult,
-    load_checkpoint,
-    load_model,
-    resolve_device,
-    train,
-)
+
+if TYPE_CHECKING:
+    from pipeline._benchmark_eval import EvaluationResult, evaluate_model
+    from pipeline._crb import cramer_rao_bound
+    from pipeline._pursuit import matching_pursuit
+    from pipeline._train import (
+        CHECKPOINT_NAME,
+        EpochMetrics,
+        TrainResult,
+        load_checkpoint,
+        load_model,
+        resolve_device,
+        train,
+    )
+
+# Names that need torch are imported on first use, so that configs and errors (all the `hpo run`
+# launcher and `hpo --help` need) load without it.
+_LAZY = {
+    "EvaluationResult": "pipeline._benchmark_eval",
+    "evaluate_model": "pipeline._benchmark_eval",
+    "cramer_rao_bound": "pipeline._crb",
+    "matching_pursuit": "pipeline._pursuit",
+    "CHECKPOINT_NAME": "pipeline._train",
+    "EpochMetrics": "pipeline._train",
+    "TrainResult": "pipeline._train",
+    "load_checkpoint": "pipeline._train",
+    "load_model": "pipeline._train",
+    "resolve_device": "pipeline._train",
+    "train": "pipeline._train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CHECKPOINT_NAME",

@@ -45,7 +45,7 @@ SMOKE_RUN = ("run", "--trials", "3", "--preset", "smoke", "--quiet")
     [
         (("--trials", "0"), "--trials must be >= 1, but got 0"),
         (("--epochs", "0"), "--epochs must be >= 1"),
-        (("--pruner", "asha"), "--pruner must be one of hyperband, median, none"),
+        (("--pruner", "patient"), "--pruner must be one of hyperband, asha, median, none"),
         (("--sampler", "grid"), "--sampler must be one of tpe, random"),
         (("--objective", "loss"), "--objective must be one of composite, nmse"),
         (("--preset", "huge"), "unknown preset 'huge'"),
@@ -83,6 +83,12 @@ def test_bad_space_files(sqlite_file, text, fragment):
 def test_environment_url_is_used_and_checked(sqlite_file):
     result = invoke(*SMOKE_RUN, env={"HPO_STORAGE": f"postgres://u:{SECRET}@h/db"})
     assert_one_line_error(result, "use postgresql+psycopg2://")
+
+
+def test_unknown_worker_start_method(sqlite_file):
+    result = invoke(*SMOKE_RUN, env={"HPO_WORKER_START": "spawn"})
+    assert_one_line_error(result, "HPO_WORKER_START must be one of forkserver, exec")
+    assert not sqlite_file.exists()
 
 
 def test_unreachable_postgres_names_host_port_and_database(sqlite_file):

@@ -185,6 +185,20 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _children_of(pid: int) -> list[int]:
+    """Direct children of `pid` (the fork server among them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def slow_trials(tmp_path: Path) -> str:
     """A space file making smoke trials last seconds (about 1 s per epoch on one core), so a
     test can catch them mid-training."""
@@ -208,7 +222,8 @@ def test_ctrl_c_stops_within_seconds_leaves_nothing_behind_and_rerun_finishes(st
     )
     try:
         pids = _wait_for_running(store_url, name, 2, proc)
-        for pid in pids:  # the URL travels in the environment, never on a command line
+        helpers = _children_of(proc.pid)  # the fork server and its resource tracker
+        for pid in [*pids, *helpers]:  # the URL travels in the environment, never on argv
             assert DUMMY_PASSWORD not in Path(f"/proc/{pid}/cmdline").read_text()
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -223,6 +238,10 @@ def test_ctrl_c_stops_within_seconds_leaves_nothing_behind_and_rerun_finishes(st
     assert _processes_mentioning(name) == []
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists()
+    deadline = time.monotonic() + 10  # the fork server sees its launcher gone, then exits
+    while any(Path(f"/proc/{pid}").exists() for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
     trials = trials_of(store_url, name)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     interrupted = [
@@ -244,6 +263,29 @@ def test_ctrl_c_stops_within_seconds_leaves_nothing_behind_and_rerun_finishes(st
     assert {t.user_attrs["retry_of"] for t in retried} == {t.number for t in interrupted}
     assert all(t.state in FINISHED for t in retried)
     assert DUMMY_PASSWORD not in all_output((out, err), tmp_path) + all_output(rerun, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["forkserver", "exec"])
+def test_both_ways_of_starting_workers_fill_the_budget(tmp_path, method):
+    # Forked from the preloaded fork server (the default) or fresh interpreters: the same study.
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    result = subprocess.run(
+        command("run", "--trials", "4", "--preset", "smoke", "--workers", "2", "--seed", "1",
+                "--storage", url, "--study", "start", "--quiet"),
+        cwd=tmp_path, env={**environment(), "HPO_WORKER_START": method},
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    trials = trials_of(url, "start")
+    assert count_trials(trials).finished == 4 and len(trials) == 4
+    pids = {t.user_attrs["worker_pid"] for t in trials}
+    assert len(pids) == 2 and os.getpid() not in pids
+    for pid in pids:  # every worker logged its trials to its own file and is gone
+        assert not Path(f"/proc/{pid}").exists()
+    logs = sorted((tmp_path / "runs" / "hpo-start").glob("worker-*.log"))
+    assert len(logs) == 2
+    assert sum(log.read_text().count(": COMPLETE") + log.read_text().count(": PRUNED")
+               for log in logs) == 4  # fmt: skip
 
 
 def test_a_worker_that_dies_is_replaced_and_its_trial_recorded(tmp_path):
