@@ -1,24 +1,29 @@
-"""The HPO service's own overhead: wall time of `hpo run` not spent inside training, per trial.
+"""The HPO service's own overhead: the share of the run's time not spent training.
 
 For each store (SQLite file, PostgreSQL database) and each worker count, a fresh store gets one
-`hpo run --trials N` of short trials (smoke preset, 1 epoch, no pruning), run through the real
-CLI. Training time is what the workers measured around `pipeline.train` (the trial attribute
-`train_time_s`). Reported per trial:
+`hpo run --trials N` through the real CLI (by default the `quick` preset with `hpo run`'s own
+sampler and pruner, TPE and Hyperband). Each trial records its training time (`train_time_s`,
+around `pipeline.train`), the service's share of it (`service_time_s`: per-epoch reports, pruning
+questions and checkpoint writes) and the worker's CPU seconds training without that share
+(`train_cpu_s`). Reported:
 
-    overhead_s    = (wall - sum(train) / W) / N   wall-clock seconds per trial not training
-    worker_s      = (W * wall - sum(train)) / N   worker-seconds per trial not training (= W x above)
-    startup_s     = launch -> first trial starts  (interpreter, torch and optuna imports, store)
-    tail_s        = last trial recorded -> `hpo run` has exited
-    loop_ms       = per trial, worker time between the first trial's start and the last one's end
-                    not spent training: claim, suggest, reports, tell, idling at the end
-
-What the overhead holds: process start-up, opening the store, the claim (lock, count, ask),
-suggesting, per-epoch reports and attributes, the final tell, and workers idling at the end while
-the last trials finish. With W workers on fewer cores the training time itself grows; the
-overhead formulae use the measured training time, so that growth is not counted as overhead.
+    share_wall  = 1 - sum(train - service) / (W * wall)
+                  of all worker time (W workers for the whole run), the share not training:
+                  start-up, claims, suggesting, reports, checkpoints, tells, and workers idling
+                  at the start and end of the run
+    share_cpu   = 1 - sum(train_cpu) / (C * wall), C = min(cores, W x threads)
+                  of the cores' time, the share not training; on a CPU with more workers than
+                  cores this is the share that counts (an idle worker's core is not lost while
+                  another worker uses it). Split into: `hpo run`'s processes outside training
+                  (launcher, fork server, workers' start-up, sampler, store traffic,
+                  checkpoints; sampled from /proc every second), the PostgreSQL server's
+                  processes, idle cores, and the rest of the machine (other services, kernel)
+    startup_s   = launch -> first trial starts  (interpreter, imports, store, fork server)
+    tail_s      = last trial recorded -> `hpo run` has exited
+    service_ms  = per trial, the service's share of training (reports, pruning, checkpoints)
 
     python bench/overhead.py [--trials 24] [--workers 1 2 4] [--stores sqlite postgresql]
-                             [--preset smoke] [--epochs 1]
+                             [--preset quick] [--epochs E] [--sampler tpe] [--pruner hyperband]
                              [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 """
 
@@ -34,6 +39,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,25 +71,108 @@ def postgres_store(admin_url: str) -> Iterator[str]:
         connection.close()
 
 
-def measure(url: str, workers: int, trials: int, cwd: Path, preset: str = "smoke",
-            epochs: int = 1) -> dict:
+def _postgres_cpu_s() -> float:
+    """CPU seconds of this machine's PostgreSQL processes so far, ended backends included (the
+    postmaster reaps them: their time is in its children's time)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        if name.startswith("postgres"):
+            fields = stat.rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / tick
+
+
+class _TreeCPU:
+    """CPU seconds of a process and all its descendants (the launcher, the fork server, the
+    workers), sampled every second from /proc: a process's last sample before it exits counts."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        parents: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid = int(entry.name)
+            parents[pid] = int(fields[1])
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime stime
+        tree = {self.root}
+        grew = True
+        while grew:
+            grew = False
+            for pid, parent in parents.items():
+                if parent in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+        for pid in tree & cpu.keys():
+            self.seen[pid] = max(self.seen.get(pid, 0.0), cpu[pid])
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._sample()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.seen.values())
+
+
+def _idle_cpu_s() -> float:
+    """Idle CPU seconds of the whole machine so far (idle + iowait, all cores)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, workers: int, trials: int, cwd: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
-    args = [
-        sys.executable, "-m", "hpo.cli", "run", "--trials", str(trials), "--preset", preset,
-        "--epochs", str(epochs), "--pruner", "none", "--sampler", "random", "--seed", "0",
+    command = [
+        sys.executable, "-m", "hpo.cli", "run", "--trials", str(trials), "--preset", args.preset,
+        "--pruner", args.pruner, "--sampler", args.sampler, "--seed", "0",
         "--workers", str(workers), "--device", "cpu", "--storage", url, "--study", "bench",
         "--quiet",
     ]  # fmt: skip
+    if args.epochs:
+        command += ["--epochs", str(args.epochs)]
     launched = time.time()
+    pg_before, idle_before = _postgres_cpu_s(), _idle_cpu_s()
     started = time.perf_counter()
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    tree = _TreeCPU(process.pid)
+    stdout, stderr = process.communicate()
     wall = time.perf_counter() - started
+    hpo_cpu = tree.stop()
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    pg_cpu, idle = _postgres_cpu_s() - pg_before, _idle_cpu_s() - idle_before
     if result.returncode != 0:
         raise SystemExit(f"hpo run failed ({result.returncode}): {result.stderr.strip()}")
     study = optuna.load_study(study_name="bench", storage=url)
     done = study.get_trials(deepcopy=False)
     assert len(done) == trials, len(done)
     train = sum(t.user_attrs["train_time_s"] for t in done)
+    service = sum(t.user_attrs["service_time_s"] for t in done)
+    train_cpu = sum(t.user_attrs["train_cpu_s"] for t in done)
+    threads = done[0].user_attrs["threads"]
+    cores = min(len(os.sched_getaffinity(0)), workers * threads)
     in_worker = sum(t.user_attrs["wall_time_s"] for t in done)
     first_start = min(t.user_attrs["started_unix"] for t in done)
     last_end = max(
@@ -103,8 +192,21 @@ def measure(url: str, workers: int, trials: int, cwd: Path, preset: str = "smoke
         "startup_s": round(first_start - launched, 2),
         "tail_s": round(launched + wall - last_end, 2),
         "loop_ms": round(1000 * (workers * span - train) / trials, 1),
+        "service_ms": round(1000 * service / trials, 1),
+        "epochs": sum(len(t.intermediate_values) for t in done),
+        "cores": cores,
         # Share of all worker time (start-up and tail included) not spent training.
-        "overhead_share": round((workers * wall - train) / (workers * wall), 4),
+        "share_wall": round(1 - (train - service) / (workers * wall), 4),
+        # Share of the cores' time not spent training, and what it went to: `hpo run`'s own
+        # processes outside training (launcher, fork server, workers' start-up, sampler, store
+        # traffic, checkpoints), the database server, idle cores, and the rest of the machine
+        # (other services, the kernel).
+        "share_cpu": round(1 - train_cpu / (cores * wall), 4),
+        "cpu_train_s": round(train_cpu, 1),
+        "cpu_hpo_other_s": round(hpo_cpu - train_cpu, 1),
+        "cpu_postgres_s": round(pg_cpu, 1),
+        "cpu_idle_s": round(idle, 1),
+        "cpu_rest_s": round(len(os.sched_getaffinity(0)) * wall - idle - pg_cpu - hpo_cpu, 1),
     }
 
 
@@ -120,8 +222,10 @@ def main() -> None:
         ),
         help="admin URL; a fresh database is created (and dropped) for each measurement",
     )
-    parser.add_argument("--preset", default="smoke")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--epochs", type=int, default=0, help="0: the preset's")
+    parser.add_argument("--sampler", default="tpe")
+    parser.add_argument("--pruner", default="hyperband")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -133,8 +237,9 @@ def main() -> None:
                 cwd = Path(tmp)
                 maker = sqlite_store(cwd) if store == "sqlite" else postgres_store(args.postgres)
                 with maker as url:
-                    row = {"store": store, "preset": args.preset, "epochs": args.epochs,
-                           **measure(url, workers, args.trials, cwd, args.preset, args.epochs)}
+                    row = {"store": store, "preset": args.preset, "sampler": args.sampler,
+                           "pruner": args.pruner,
+                           **measure(url, workers, args.trials, cwd, args)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
 
@@ -142,9 +247,10 @@ def main() -> None:
         f"cpus {os.cpu_count()}, {platform.processor() or platform.machine()}, "
         f"python {platform.python_version()}, optuna {optuna.__version__}"
     )
-    header = ("store", "preset", "epochs", "workers", "trials", "wall_s", "train_s_per_trial",
-              "overhead_s", "worker_s", "startup_s", "tail_s", "loop_ms",
-              "overhead_share")  # fmt: skip
+    header = ("store", "preset", "workers", "cores", "trials", "epochs", "wall_s",
+              "train_s_per_trial", "service_ms", "startup_s", "tail_s", "share_wall",
+              "share_cpu", "cpu_train_s", "cpu_hpo_other_s", "cpu_postgres_s", "cpu_idle_s",
+              "cpu_rest_s")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:

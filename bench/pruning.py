@@ -4,10 +4,12 @@ Studies of the same preset, seed, sampler and budget through the real `hpo run`,
 (`--pruner none` last, as the reference); each gets a fresh SQLite store. Reports finished/pruned
 counts, epochs trained (intermediate values stored), the best objective, the wall time, and for
 each pruner the ratio of `none`'s epochs to its own. Target (issue 7): at least 3x fewer epochs
-for an equal best objective.
+for an equal best objective. From the `none` run's full curves it also reports what any pruner
+has to go on: how well each epoch's objective ranks the trials as the final one does (Spearman),
+and where the five best final trials ranked after epochs 1 and 3.
 
     python bench/pruning.py [--preset quick] [--trials 60] [--workers 2] [--seed 0]
-                            [--pruners hyperband asha median] [--json FILE]
+                            [--pruners hyperband asha median] [--json FILE] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -21,7 +23,33 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    return np.argsort(np.argsort(np.asarray(values)))
+
+
+def early_epochs_predict(trials: list[optuna.trial.FrozenTrial]) -> dict:
+    """How well each epoch's objective ranks the trials as their final objective does (Spearman
+    rank correlation over the complete trials of the `none` run), and where the 5 best final
+    trials ranked after epochs 1 and 3 (0 = best): what any rank-based pruner sees."""
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    epochs = min(len(t.intermediate_values) for t in complete)
+    final = _ranks([t.value for t in complete])
+    spearman = {}
+    for epoch in range(1, epochs + 1):
+        at = _ranks([t.intermediate_values[epoch] for t in complete])
+        spearman[epoch] = round(float(np.corrcoef(at, final)[0, 1]), 2)
+    best = np.argsort(final)[:5]
+    ranks_at = {
+        epoch: [int(_ranks([t.intermediate_values[epoch] for t in complete])[i]) for i in best]
+        for epoch in (1, 3)
+        if epoch <= epochs
+    }
+    return {"trials": len(complete), "spearman_epoch_vs_final": spearman,
+            "ranks_of_5_best_finals_at_epoch": ranks_at}  # fmt: skip
 
 
 def run(pruner: str, args: argparse.Namespace) -> dict:
@@ -42,6 +70,11 @@ def run(pruner: str, args: argparse.Namespace) -> dict:
             raise SystemExit(f"hpo run failed: {result.stderr.strip()}")
         study = optuna.load_study(study_name="pruning", storage=url)
         trials = study.get_trials(deepcopy=False)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            optuna.copy_study(from_study_name="pruning", from_storage=url,
+                              to_storage=f"sqlite:///{args.keep / f'{pruner}-seed{args.seed}.db'}")
+        extra = {"early_epochs": early_epochs_predict(trials)} if pruner == "none" else {}
         states = [t.state.name for t in trials]
         stopped_after: dict[int, int] = {}
         for t in trials:
@@ -53,7 +86,7 @@ def run(pruner: str, args: argparse.Namespace) -> dict:
             "epochs_trained": sum(len(t.intermediate_values) for t in trials),
             "trials_by_epochs_trained": dict(sorted(stopped_after.items())),
             "best_value": round(study.best_value, 4), "best_trial": study.best_trial.number,
-            "wall_s": round(wall, 1),
+            "wall_s": round(wall, 1), **extra,
         }  # fmt: skip
 
 
@@ -67,6 +100,7 @@ def main() -> None:
     parser.add_argument("--pruners", nargs="+", default=["hyperband"],
                         help="pruners to compare with --pruner none")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--keep", type=Path, help="keep each run's study here (SQLite files)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []

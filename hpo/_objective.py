@@ -61,6 +61,11 @@ class TrialRun:
     reason: str | None = None  # why it failed or was pruned
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0  # wall time inside pipeline.train
+    # The service's share of train_seconds: per-epoch store traffic (reports, pruning questions,
+    # history) and checkpoint writes; wall and this process's CPU seconds.
+    service_seconds: float = 0.0
+    service_cpu_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU seconds over train_seconds
     resumed_from_epoch: int = 0  # epochs restored from a checkpoint (0: trained from scratch)
     checkpoint: Path | None = None  # the last epoch's checkpoint file
 
@@ -92,8 +97,19 @@ def run_trial(
     """
     history: list[dict[str, Any]] = []
     write = store or (lambda fn, what: fn())
+    timings: dict[str, float] = {}
 
     def record(metrics: EpochMetrics, *, live: bool) -> None:
+        began, began_cpu = time.perf_counter(), time.process_time()
+        try:
+            _record(metrics, live=live)
+        finally:
+            timings["report_s"] = timings.get("report_s", 0.0) + time.perf_counter() - began
+            timings["report_cpu_s"] = (
+                timings.get("report_cpu_s", 0.0) + time.process_time() - began_cpu
+            )
+
+    def _record(metrics: EpochMetrics, *, live: bool) -> None:
         value = objective_value(metrics, objective)
         history.append(metrics.to_dict())
 
@@ -112,7 +128,7 @@ def run_trial(
         if prune:
             raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
 
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     resumed = _restorable(checkpoint_dir, config)
 
     def ended(state: optuna.trial.TrialState, **kwargs: Any) -> TrialRun:
@@ -120,6 +136,10 @@ def run_trial(
             state,
             history=history,
             train_seconds=time.perf_counter() - started,
+            service_seconds=timings.get("report_s", 0.0) + timings.get("checkpoint_s", 0.0),
+            service_cpu_seconds=timings.get("report_cpu_s", 0.0)
+            + timings.get("checkpoint_cpu_s", 0.0),
+            cpu_seconds=time.process_time() - started_cpu,
             resumed_from_epoch=len(resumed),
             **kwargs,
         )
@@ -142,6 +162,7 @@ def run_trial(
             on_epoch_end=lambda metrics: record(metrics, live=True),
             checkpoint_dir=checkpoint_dir,
             resume=bool(resumed),
+            timings=timings,
         )
         if result.resumed_from_epoch != len(resumed):
             raise CheckpointError(

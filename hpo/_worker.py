@@ -294,11 +294,9 @@ class _Worker:
         )
 
     def _set_attrs(self, trial: Any, attrs: dict[str, Any], what: str) -> None:
-        def write() -> None:
-            for key, value in attrs.items():
-                trial.set_user_attr(key, value)
+        from hpo._study import set_user_attrs
 
-        self.retry(write, f"{what} of trial {trial.number}")
+        self.retry(lambda: set_user_attrs(trial, attrs), f"{what} of trial {trial.number}")
 
     def _run(self, trial: Any) -> bool:
         """Run one claimed trial to its recorded end. True if it failed unexpectedly."""
@@ -381,7 +379,14 @@ class _Worker:
             self._finish(trial, TrialState.FAIL, None, failed)
             return True
         heartbeat.stop()
-        attrs = {"wall_time_s": time.time() - started, "train_time_s": run.train_seconds}
+        attrs = {
+            "wall_time_s": time.time() - started,
+            "train_time_s": run.train_seconds,
+            # Of train_time_s: the service's per-epoch reports and checkpoint writes (wall s),
+            # and this worker's CPU seconds training, without that service share.
+            "service_time_s": run.service_seconds,
+            "train_cpu_s": run.cpu_seconds - run.service_cpu_seconds,
+        }
         if run.history:
             attrs["metrics"] = run.history[-1]
         if run.state == TrialState.COMPLETE and run.checkpoint is not None:
@@ -411,11 +416,12 @@ class _Worker:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
+        from hpo._study import set_user_attrs
+
         def tell() -> bool:
             if self.storage.get_trial(trial._trial_id).state.is_finished():
                 return False  # a retry after a commit whose answer was lost, or a stale trial
-            for key, item in attrs.items():
-                trial.set_user_attr(key, item)
+            set_user_attrs(trial, attrs)
             if state == TrialState.COMPLETE:
                 self.study.tell(trial, value)
             else:

@@ -286,13 +286,16 @@ def load_model(path: Path, device: torch.device) -> tuple[CovarianceNet, Experim
 
 def train(config: ExperimentConfig, *, device: torch.device,
           on_epoch_end: Callable[[EpochMetrics], None] | None = None,
-          checkpoint_dir: Path | None = None, resume: bool = False) -> TrainResult:
+          checkpoint_dir: Path | None = None, resume: bool = False,
+          timings: dict[str, float] | None = None) -> TrainResult:
     """Train `config` on `device`; call `on_epoch_end(metrics)` after each epoch's validation.
 
     With `checkpoint_dir`, the state after every epoch goes to checkpoint_dir/checkpoint.pt and the
     best epoch's (lowest composite) to best.pt. With `resume=True` and a checkpoint of the same
     config there, training continues at the epoch after it. Exceptions from `on_epoch_end`
-    propagate unchanged; a non-finite loss or gradient raises NumericalError.
+    propagate unchanged; a non-finite loss or gradient raises NumericalError. A `timings` dict
+    accumulates "checkpoint_s" and "checkpoint_cpu_s", the wall and CPU seconds spent writing
+    checkpoints (the caller's overhead, not training).
     """
     torch.manual_seed(config.seed)
     deployment = Deployment.build(config, device)
@@ -326,12 +329,18 @@ def train(config: ExperimentConfig, *, device: torch.device,
                                  time.perf_counter() - started)
         history.append(metrics)
         if checkpoint_path is not None:
+            saving, saving_cpu = time.perf_counter(), time.process_time()
             save_checkpoint(checkpoint_path, config=config, epoch=epoch, model=model,
                             optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             history=history)
             if metrics is min(history, key=lambda m: m.composite):
                 save_checkpoint(checkpoint_path.with_name(BEST_NAME), config=config, epoch=epoch,
                                 model=model, history=history)
+            if timings is not None:
+                timings["checkpoint_s"] = (timings.get("checkpoint_s", 0.0)
+                                           + time.perf_counter() - saving)
+                timings["checkpoint_cpu_s"] = (timings.get("checkpoint_cpu_s", 0.0)
+                                               + time.process_time() - saving_cpu)
         if on_epoch_end is not None:
             on_epoch_end(metrics)
     return TrainResult(config=config, history=history, checkpoint_path=checkpoint_path,

@@ -25,6 +25,7 @@ from hpo._study import (
     fail_trial,
     load_existing_study,
     prune_checkpoints,
+    set_user_attrs,
     study_counts,
 )
 from storage import open_storage
@@ -195,3 +196,23 @@ def test_four_processes_claiming_at_once_never_overshoot_the_budget(store_url):
     assert len(trials) == 30
     counts = count_trials(trials)
     assert (counts.finished, counts.running, counts.waiting) == (30, 0, 0)
+
+
+def test_set_user_attrs_writes_all_in_one_transaction_or_none(store_url):
+    storage = open_storage(store_url)
+    name = f"attrs-{secrets.token_hex(3)}"
+    study = optuna.create_study(study_name=name, storage=storage)
+    trial = study.ask()
+    set_user_attrs(trial, {"a": 1, "b": [1.5, "x"], "c": {"nested": True}})
+    assert trial.user_attrs == {"a": 1, "b": [1.5, "x"], "c": {"nested": True}}
+    stored = optuna.load_study(study_name=name, storage=store_url).trials[0].user_attrs
+    assert stored == {"a": 1, "b": [1.5, "x"], "c": {"nested": True}}
+    # A value that cannot be stored fails the whole write: nothing of it lands, not even the
+    # keys before it, and the earlier attributes are untouched.
+    with pytest.raises(TypeError):
+        set_user_attrs(trial, {"a": 2, "d": object()})
+    stored = optuna.load_study(study_name=name, storage=store_url).trials[0].user_attrs
+    assert stored == {"a": 1, "b": [1.5, "x"], "c": {"nested": True}}
+    study.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_user_attrs(trial, {"late": 1})  # a finished trial is refused, as by set_user_attr
