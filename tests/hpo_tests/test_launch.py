@@ -1,11 +1,15 @@
-"""The worker layout and the progress line (pure functions; the processes are in test_run.py)."""
+"""The worker layout, how workers start, and the progress line (the processes are in
+test_run.py)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from hpo._launch import LaunchError, WorkerSlot, format_progress, plan_slots
+from hpo._launch import LaunchError, WorkerSlot, format_progress, plan_slots, start_method
 from hpo._study import StudyCounts
 
 
@@ -95,3 +99,28 @@ def test_progress_line_has_counts_best_rate_and_eta():
     assert "60 trials/h" in line and "ETA 3h10m" in line
     quiet_start = format_progress(counts, 12, best=None, elapsed_s=1.0, finished_before=10)
     assert "best -" in quiet_start and "-- trials/h" in quiet_start
+
+
+def test_the_fork_servers_imports_start_no_thread_and_leave_cuda_alone():
+    # Workers are forked from a process that imported FORKSERVER_PRELOAD: forking is safe only
+    # if those imports started no thread and initialised no CUDA context.
+    code = (
+        "import importlib, sys, threading\n"
+        "from hpo._launch import FORKSERVER_PRELOAD\n"
+        "for name in FORKSERVER_PRELOAD: importlib.import_module(name)\n"
+        "import torch\n"
+        "print(threading.active_count(), torch.cuda.is_initialized(), 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=120)  # fmt: skip
+    assert result.stdout.split() == ["1", "False", "True"]
+
+
+def test_hpo_worker_start_chooses_how_workers_start(monkeypatch):
+    monkeypatch.delenv("HPO_WORKER_START", raising=False)
+    assert start_method() == "forkserver"  # Linux has it
+    monkeypatch.setenv("HPO_WORKER_START", "exec")
+    assert start_method() == "exec"
+    monkeypatch.setenv("HPO_WORKER_START", "fork")
+    with pytest.raises(LaunchError, match="must be one of forkserver, exec"):
+        start_method()
