@@ -3,7 +3,6 @@ through a separate connection, and wait for conditions on the stored trials."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from storage import Reconnect
+from tests.hpo_tests._cli import environment
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -27,7 +27,7 @@ def start_node(
 ) -> subprocess.Popen[str]:
     """One `hpo run` driver; `host` names its node in the store ($HPO_HOST)."""
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
+    env = environment()
     env.pop("HPO_HOST", None)
     if host:
         env["HPO_HOST"] = host

@@ -7,15 +7,14 @@ first call runs the study (about 20 s) and the others reuse it. Tests must not w
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+
+from tests.hpo_tests._cli import hpo
 
 STUDY = "results-smoke"
 N_TRIALS = 7
@@ -42,21 +41,6 @@ class ResultsStudy:
 _made: dict[str, ResultsStudy] = {}
 
 
-def environment() -> dict[str, str]:
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
-
-
-def hpo(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """The real console entry point in a fresh interpreter."""
-    return subprocess.run(
-        [sys.executable, "-m", "hpo.cli", *args],
-        cwd=cwd,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def results_study(tmp_path_factory: pytest.TempPathFactory) -> ResultsStudy:

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from typer.testing import CliRunner
 
 from hpo._study import StudySettings, create_or_load_study
-from hpo.cli import app
 from storage import open_storage
+from tests.hpo_tests._cli import invoke
 from tests.storage_tests._servers import postgres_url_with
 
 SECRET = "hunter2-secret"
 
-
-def invoke(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(app, list(args), env={"HPO_STORAGE": "", **(env or {})})
 
 
 def assert_one_line_error(result, fragment: str, code: int = 2) -> str:

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from typer.testing import CliRunner
 
-from hpo.cli import app
+from tests.hpo_tests._cli import invoke
 
 METHODS = {"learned", "samp", "pursuit", "oracle", "crb"}
 
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), env={"HPO_STORAGE": ""})
 
 
 def assert_one_line_error(result, fragment: str, code: int = 2) -> None:

@@ -8,14 +8,9 @@ import socket
 import optuna
 import pytest
 from optuna.trial import TrialState
-from typer.testing import CliRunner
 
 from hpo._dashboard import ReadableStorage, flatten_attrs
-from hpo.cli import app
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), env={"HPO_STORAGE": ""})
+from tests.hpo_tests._cli import invoke
 
 
 def assert_one_line_error(result, fragment: str, code: int = 2) -> None:

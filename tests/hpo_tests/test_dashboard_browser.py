@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from tests.hpo_tests._results_study import environment, results_study
+from tests.hpo_tests._cli import environment
+from tests.hpo_tests._results_study import results_study
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from PIL import Image
-from typer.testing import CliRunner
 
 from hpo._report import STATE_STYLE, _plot_intermediate_values_mpl
-from hpo.cli import app
+from tests.hpo_tests._cli import invoke
 from tests.hpo_tests._results_study import results_study
 
 pytestmark = pytest.mark.slow
@@ -35,9 +34,6 @@ def report_dir(study, tmp_path_factory):
     assert f"best: trial {study.load().best_trial.number}," in result.stdout
     return out
 
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), env={"HPO_STORAGE": ""})
 
 
 def assert_one_line_error(result, fragment: str, code: int) -> None:

@@ -16,6 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from hpo._study import count_trials
+from tests.hpo_tests._cli import environment
 from tests.storage_tests._servers import DUMMY_PASSWORD
 
 pytestmark = pytest.mark.slow
@@ -33,10 +34,6 @@ def command(*args: str) -> list[str]:
         *args,
         *(("--threads", "1") if args[0] == "run" else ()),
     ]
-
-
-def environment() -> dict[str, str]:
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
 
 
 def hpo(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -198,6 +198,7 @@ def test_four_processes_claiming_at_once_never_overshoot_the_budget(store_url):
     assert (counts.finished, counts.running, counts.waiting) == (30, 0, 0)
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 def test_set_user_attrs_writes_all_in_one_transaction_or_none(store_url):
     storage = open_storage(store_url)
     name = f"attrs-{secrets.token_hex(3)}"

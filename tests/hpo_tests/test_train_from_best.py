@@ -7,11 +7,10 @@ import json
 
 import optuna
 import pytest
-from typer.testing import CliRunner
 
-from hpo.cli import app
 from pipeline import load_checkpoint
-from tests.hpo_tests._results_study import hpo, results_study
+from tests.hpo_tests._cli import hpo, invoke
+from tests.hpo_tests._results_study import results_study
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +19,6 @@ pytestmark = pytest.mark.slow
 def study(tmp_path_factory):
     return results_study(tmp_path_factory)
 
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), env={"HPO_STORAGE": ""})
 
 
 def assert_one_line_error(result, fragment: str, code: int) -> None:

@@ -139,7 +139,7 @@ def test_gradients_stay_finite_when_every_slot_weight_underflows_to_zero(full_co
     with torch.no_grad():  # objectness logits of -200: every slot's sigmoid weight is exactly 0
         model.detect.bias[: full_config.n_grid_range] = -200.0
     output = model(full_batch.measurements, full_batch.fields)
-    assert float(output.weight.max()) == 0.0
+    assert float(output.weight.detach().max()) == 0.0
     terms, _ = compute_loss(output, full_batch, full_config)
     terms.total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
