@@ -534,7 +534,13 @@ def prune_checkpoints(study: optuna.Study, root_dir: Path, *, keep: int) -> list
     base = root_dir / study.study_name
     if not base.is_dir():
         return []
-    trials = study.get_trials(deepcopy=False)
+    # The directories first: each one existed before the trials are read, so its claim is among
+    # them (a directory made after the read belongs to a trial the read has not seen).
+    paths = list(base.glob("trial-*"))
+    # Under the store lock: a trial is failed and its retry queued in two commits under that
+    # lock, and a chain read in between (its FAIL without the retry) would lose its checkpoint.
+    with store_lock(_rdb(study._storage), study._study_id):
+        trials = study.get_trials(deepcopy=False)
     requeued = _requeued_numbers(trials)
     needed: set[int] = set()
     for trial in trials:
@@ -546,7 +552,7 @@ def prune_checkpoints(study: optuna.Study, root_dir: Path, *, keep: int) -> list
     ranked = sorted(complete, key=lambda t: t.value, reverse=direction == "maximize")
     needed.update(chain_root(t) for t in ranked[: max(keep, 0)])
     removed = []
-    for path in base.glob("trial-*"):
+    for path in paths:
         try:
             root = int(path.name.removeprefix("trial-"))
         except ValueError:

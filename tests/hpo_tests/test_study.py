@@ -6,6 +6,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import optuna
@@ -16,6 +17,8 @@ from hpo._study import (
     RequeueStaleTrial,
     StudyError,
     StudySettings,
+    _enqueue_retry,
+    _rdb,
     _void,
     check_compatible,
     checkpoint_dir_for,
@@ -28,7 +31,7 @@ from hpo._study import (
     set_user_attrs,
     study_counts,
 )
-from storage import open_storage
+from storage import open_storage, store_lock
 
 SETTINGS = StudySettings(preset="smoke", objective="composite", direction="minimize", epochs=2)
 
@@ -147,6 +150,31 @@ def test_prune_checkpoints_keeps_unfinished_chains_and_the_best_complete(tmp_pat
     left = sorted(int(p.name.split("-")[1]) for p in (root / "ckpt").iterdir())
     assert left == [1, 2, 4, 5]
     assert running.number == 4
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_prune_checkpoints_never_sees_a_failure_without_its_retry(store_url, tmp_path):
+    # fail_trial fails a trial and queues its retry in two commits under the store lock; a
+    # prune between them (the chain finished, no retry yet) would delete what the retry resumes.
+    storage = open_storage(store_url)
+    name = unique("race")
+    study = create_or_load_study(storage, name, SETTINGS, budget=5)
+    trial = claim_trial(study, 5)
+    chain = checkpoint_dir_for(tmp_path, name, trial.number)
+    chain.mkdir(parents=True)
+    result: dict[str, list] = {}
+    with store_lock(_rdb(study._storage), study._study_id):
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        pruner = threading.Thread(
+            target=lambda: result.update(removed=prune_checkpoints(study, tmp_path, keep=0))
+        )
+        pruner.start()
+        time.sleep(1.0)
+        assert pruner.is_alive()  # waiting for the lock
+        _enqueue_retry(study, study._storage.get_trial(trial._trial_id))
+    pruner.join(timeout=30)
+    assert result["removed"] == []
+    assert chain.is_dir()
 
 
 _CLAIMER = textwrap.dedent(
