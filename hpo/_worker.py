@@ -62,7 +62,7 @@ class WorkerSpec:
     threads: int  # torch intra-op threads
     index: int  # worker slot, for logs
     parent_pid: int  # the launcher; the worker stops when it is gone
-    max_trials: int = 50  # trials before the process is recycled (costs one start-up, ~3 s)
+    max_trials: int = 50  # trials before the process is recycled (a new fork: ~1 s)
     checkpoint_dir: str | None = None  # absolute; shared by every node of the study
     keep_checkpoints: int = 3  # final checkpoints of the best COMPLETE trials kept on disk
     heartbeat_interval_s: int = 20  # storage.HEARTBEAT_INTERVAL_S
