@@ -1,12 +1,13 @@
 """Start the worker processes, show progress from the store, forward Ctrl-C, replace the dead.
 
 Workers are forked from a fork server that has imported torch, Optuna and the pipeline once (never
-from the launcher itself, and nothing there touches CUDA), so eight of them start in a fraction of
-a second instead of each importing torch anew; `HPO_WORKER_START=exec` starts fresh interpreters
-(`python -m hpo._worker`) instead. Each worker runs in its own session so the launcher alone
-decides how a Ctrl-C reaches them: it forwards SIGINT, waits for every worker to
-record its trial (FAIL, re-queued), and kills what is left after `STOP_GRACE_S`. A worker that
-dies (kill -9, the out-of-memory killer, a crash) is replaced (at most `max_replacements` times);
+from the launcher itself, and nothing there starts a thread or touches CUDA), so they do not each
+import torch anew (8 workers on 2 cores: training 3.6 s after the command instead of 8 s);
+`HPO_WORKER_START=exec` starts fresh interpreters (`python -m hpo._worker`) instead. Each worker
+runs in its own session so the launcher alone decides how a Ctrl-C reaches them: it forwards
+SIGINT, waits for every worker to record its trial (FAIL, re-queued), and kills what is left
+after `STOP_GRACE_S`. A worker that dies (kill -9, the out-of-memory killer, a crash) is replaced
+(at most `max_replacements` times);
 its trial is recorded as FAIL with the exit status as the reason and re-queued with the same
 parameters, so its retry resumes from the dead trial's last checkpoint. A trial that keeps killing
 its worker is given up after `MAX_RETRIES` tries and then counts.

@@ -2,8 +2,9 @@
 server, or `python -m hpo._worker SPEC_JSON` as a fresh interpreter (HPO_WORKER_START=exec).
 
 The launcher gives it the store URL in $HPO_STORAGE (never on the command line, where `ps` would
-show a password), its GPU in CUDA_VISIBLE_DEVICES and its thread count in OMP_NUM_THREADS. It opens its own store connection and loops: claim a
-trial within the budget, train it, record the outcome, until the budget is used up.
+show a password), its GPU in CUDA_VISIBLE_DEVICES and its thread count in OMP_NUM_THREADS. It
+opens its own store connection and loops: claim a trial within the budget, train it, record the
+outcome, until the budget is used up.
 
 Signals: SIGINT/SIGTERM during training end the trial at once (FAIL, re-queued with the same
 parameters), outside training they stop the loop after the current store write. A worker whose
