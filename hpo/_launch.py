@@ -7,10 +7,10 @@ import torch anew (8 workers on 2 cores: training 3.6 s after the command instea
 runs in its own session so the launcher alone decides how a Ctrl-C reaches them: it forwards
 SIGINT, waits for every worker to record its trial (FAIL, re-queued), and kills what is left
 after `STOP_GRACE_S`. A worker that dies (kill -9, the out-of-memory killer, a crash) is replaced
-(at most `max_replacements` times);
-its trial is recorded as FAIL with the exit status as the reason and re-queued with the same
-parameters, so its retry resumes from the dead trial's last checkpoint. A trial that keeps killing
-its worker is given up after `MAX_RETRIES` tries and then counts.
+(at most `max_replacements` times); its trial is recorded as FAIL with the exit status as the
+reason and re-queued with the same parameters, so its retry resumes from the dead trial's last
+checkpoint. A trial that keeps killing its worker is given up after `MAX_RETRIES` tries and then
+counts.
 
 Several launchers (nodes) may share a study. Each one runs until the study holds the budget of
 finished trials: when its workers see the budget taken but trials of other nodes are still
