@@ -43,7 +43,11 @@ def _choice(option: str, value: str, choices: Any) -> str:
     return value
 
 
-@app.command()
+@app.command(
+    epilog="Environment: HPO_STORAGE (store URL, instead of --storage); HPO_HOST (this node's "
+    "name in the store [default: the host name]); HPO_WORKER_START=forkserver|exec (workers "
+    "forked from a server that imported torch once [default], or fresh interpreters)."
+)
 def run(
     trials: Annotated[
         int,
