@@ -369,6 +369,7 @@ def status(
 
     from hpo._study import (
         ATTR_BUDGET,
+        ATTR_CLAIMED_UNIX,
         ATTR_FAIL_REASON,
         ATTR_VOID,
         best_trial,
@@ -393,7 +394,18 @@ def status(
         for t in trials
         if t.state == TrialState.FAIL and ATTR_VOID not in t.user_attrs
     ]
-    running = [_running_summary(t) for t in trials if t.state == TrialState.RUNNING]
+    # A trial whose claim is still being written (created, not yet tagged with its host and
+    # worker: a moment, or a claim cut off by a lost store) runs nowhere yet.
+    running = [
+        _running_summary(t)
+        for t in trials
+        if t.state == TrialState.RUNNING and ATTR_CLAIMED_UNIX in t.user_attrs
+    ]
+    claiming = [
+        t.number
+        for t in trials
+        if t.state == TrialState.RUNNING and ATTR_CLAIMED_UNIX not in t.user_attrs
+    ]
     retries = [_retry_summary(t) for t in trials if "retry_of" in t.user_attrs]
     hosts: dict[str, list[dict[str, Any]]] = {}
     for entry in running:
@@ -408,6 +420,7 @@ def status(
             "best": _trial_summary(best) if best else None,
             "failures": failures,
             "running": running,
+            "claiming": claiming,
             "hosts": {host: len(entries) for host, entries in hosts.items()},
             "retries": retries,
         }
@@ -443,6 +456,8 @@ def status(
                 f"    trial {entry['number']}: worker pid {entry['pid']}, epoch "
                 f"{entry['epoch']}{epochs}{retry}"
             )
+    if claiming:
+        typer.echo(f"  being claimed: trial(s) {', '.join(map(str, claiming))}")
     for entry in retries[-5:]:
         typer.echo(
             f"  trial {entry['number']} retries trial {entry['retry_of']} (retry "

@@ -3,10 +3,12 @@ and no study (nor store file) left behind."""
 
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 
-from hpo._study import StudySettings, create_or_load_study
+from hpo._study import StudySettings, claim_trial, create_or_load_study
 from storage import open_storage
 from tests.hpo_tests._cli import invoke
 from tests.storage_tests._servers import postgres_url_with
@@ -141,3 +143,24 @@ def test_status_names_the_studies_when_asked_for_another(sqlite_file):
     )
     assert_one_line_error(invoke("best"), "study 'only' has no complete trial yet", code=1)
     assert invoke("status").exit_code == 0
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_status_shows_a_trial_being_claimed_apart_from_the_running_ones(sqlite_file):
+    # Between a claim's creation of its trial and the commit that tags it with host and worker,
+    # `hpo status` must not show it running on an unknown host.
+    storage = open_storage(f"sqlite:///{sqlite_file}")
+    settings = StudySettings(preset="smoke", objective="nmse", direction="minimize", epochs=2)
+    study = create_or_load_study(storage, "only", settings, budget=3)
+    claimed = claim_trial(study, 3)
+    half = study.ask()  # created, not yet tagged
+    result = invoke("status", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [entry["number"] for entry in payload["running"]] == [claimed.number]
+    assert payload["running"][0]["host"] and payload["running"][0]["pid"]
+    assert payload["claiming"] == [half.number]
+    assert payload["counts"]["running"] == 2
+    text = invoke("status")
+    assert f"being claimed: trial(s) {half.number}" in text.stdout
+    assert "running on ?" not in text.stdout
