@@ -45,7 +45,7 @@ from hpo._study import (
     prune_checkpoints_or_warn,
     stale_local_trials,
 )
-from hpo._worker import EXIT_DONE, EXIT_RECYCLE, WorkerSpec, run_forked
+from hpo._worker import EXIT_DONE, EXIT_RECYCLE, WorkerSpec, process_alive, run_forked
 from storage import Reconnect, StoreLocation, redact
 
 # What the fork server imports once; every worker forked from it starts with these loaded.
@@ -603,14 +603,13 @@ def _last_line(path: Path) -> str:
 
 def _worker_alive(pid: int) -> bool:
     """Whether `pid` is a running hpo worker (not a dead one, nor a recycled pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"hpo._worker" in f.read()
+            cmdline = f.read()
     except OSError:
         return True  # no /proc: trust the signal probe
+    # A fresh interpreter runs `-m hpo._worker`; a forked worker keeps its fork server's command
+    # line (`from multiprocessing.forkserver import main; ...`).
+    return b"hpo._worker" in cmdline or b"multiprocessing.forkserver" in cmdline

@@ -158,7 +158,7 @@ def _watch_parent(parent_pid: int) -> None:
     parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent and _alive(parent_pid):
+        while os.getppid() == parent and process_alive(parent_pid):
             time.sleep(1.0)
         _logger.warning("launcher %d is gone; stopping", parent_pid)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -166,7 +166,8 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (alive, or a zombie not yet reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

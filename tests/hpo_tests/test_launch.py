@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from optuna.trial import TrialState, create_trial
@@ -124,3 +125,27 @@ def test_hpo_worker_start_chooses_how_workers_start(monkeypatch):
     monkeypatch.setenv("HPO_WORKER_START", "fork")
     with pytest.raises(LaunchError, match="must be one of forkserver, exec"):
         start_method()
+
+
+def test_a_worker_is_recognised_by_its_process_however_it_started(tmp_path):
+    # _worker_alive decides whether a RUNNING trial's worker (by the pid it recorded) still
+    # runs: a forked worker and a fresh-interpreter one are workers; a dead pid, or a pid taken
+    # by some other program, is not.
+    from hpo._launch import _forkserver_context, _worker_alive
+
+    forked = _forkserver_context().Process(target=time.sleep, args=(30,))
+    forked.start()
+    fresh = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "hpo._worker"])
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _worker_alive(forked.pid)
+        assert _worker_alive(fresh.pid)
+        assert not _worker_alive(other.pid)
+    finally:
+        forked.kill()
+        fresh.kill()
+        other.kill()
+    forked.join()
+    fresh.wait()
+    other.wait()
+    assert not _worker_alive(fresh.pid)
