@@ -71,11 +71,8 @@ def postgres_store(admin_url: str) -> Iterator[str]:
         connection.close()
 
 
-def _postgres_cpu_s() -> float:
-    """CPU seconds of this machine's PostgreSQL processes so far, ended backends included (the
-    postmaster reaps them: their time is in its children's time)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def _processes() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, name, the fields of /proc/PID/stat after the name) of every process now."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -84,10 +81,18 @@ def _postgres_cpu_s() -> float:
         except OSError:
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if name.startswith("postgres"):
-            fields = stat.rsplit(")", 1)[1].split()
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return total / tick
+        yield int(entry.name), name, stat.rsplit(")", 1)[1].split()
+
+
+def _postgres_cpu_s() -> float:
+    """CPU seconds of this machine's PostgreSQL processes so far, ended backends included (the
+    postmaster reaps them: their time is in its children's time)."""
+    total = sum(
+        sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        for _, name, fields in _processes()
+        if name.startswith("postgres")
+    )
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class _TreeCPU:
@@ -105,14 +110,7 @@ class _TreeCPU:
         tick = os.sysconf("SC_CLK_TCK")
         parents: dict[int, int] = {}
         cpu: dict[int, float] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            pid = int(entry.name)
+        for pid, _, fields in _processes():
             parents[pid] = int(fields[1])
             cpu[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime stime
         tree = {self.root}

@@ -26,8 +26,13 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
 
 def hpo(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`hpo ARGS` in a fresh interpreter, as a user runs it."""
+    return run_argv([sys.executable, "-m", "hpo.cli", *args], cwd=cwd, timeout=timeout)
+
+
+def run_argv(argv: list[str], *, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`argv` (an `hpo` command line) to its end, output captured, in `environment()`."""
     return subprocess.run(
-        [sys.executable, "-m", "hpo.cli", *args],
+        argv,
         cwd=cwd,
         env=environment(),
         capture_output=True,

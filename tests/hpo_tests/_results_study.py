@@ -41,8 +41,6 @@ class ResultsStudy:
 _made: dict[str, ResultsStudy] = {}
 
 
-
-
 def results_study(tmp_path_factory: pytest.TempPathFactory) -> ResultsStudy:
     if "study" in _made:
         return _made["study"]

@@ -16,7 +16,6 @@ from tests.storage_tests._servers import postgres_url_with
 SECRET = "hunter2-secret"
 
 
-
 def assert_one_line_error(result, fragment: str, code: int = 2) -> str:
     assert result.exit_code == code, (result.exit_code, result.output)
     lines = result.stderr.strip().splitlines()

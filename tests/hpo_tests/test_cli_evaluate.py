@@ -15,7 +15,6 @@ from tests.hpo_tests._cli import invoke
 METHODS = {"learned", "samp", "pursuit", "oracle", "crb"}
 
 
-
 def assert_one_line_error(result, fragment: str, code: int = 2) -> None:
     assert result.exit_code == code, (result.exit_code, result.output)
     lines = result.stderr.strip().splitlines()

@@ -127,7 +127,7 @@ def test_hpo_worker_start_chooses_how_workers_start(monkeypatch):
         start_method()
 
 
-def test_a_worker_is_recognised_by_its_process_however_it_started(tmp_path):
+def test_a_worker_is_recognised_by_its_process_however_it_started():
     # _worker_alive decides whether a RUNNING trial's worker (by the pid it recorded) still
     # runs: a forked worker and a fresh-interpreter one are workers; a dead pid, or a pid taken
     # by some other program, is not.

@@ -35,7 +35,6 @@ def report_dir(study, tmp_path_factory):
     return out
 
 
-
 def assert_one_line_error(result, fragment: str, code: int) -> None:
     assert result.exit_code == code, (result.exit_code, result.output)
     lines = result.stderr.strip().splitlines()

@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from hpo._study import count_trials
-from tests.hpo_tests._cli import environment
+from tests.hpo_tests._cli import environment, run_argv
 from tests.storage_tests._servers import DUMMY_PASSWORD
 
 pytestmark = pytest.mark.slow
@@ -37,15 +37,7 @@ def command(*args: str) -> list[str]:
 
 
 def hpo(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command(*args),
-        cwd=cwd,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_argv(command(*args), cwd=cwd, timeout=timeout)
 
 
 def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:

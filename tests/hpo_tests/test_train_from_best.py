@@ -20,7 +20,6 @@ def study(tmp_path_factory):
     return results_study(tmp_path_factory)
 
 
-
 def assert_one_line_error(result, fragment: str, code: int) -> None:
     assert result.exit_code == code, (result.exit_code, result.output)
     lines = result.stderr.strip().splitlines()
