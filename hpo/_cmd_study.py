@@ -228,7 +228,8 @@ def run(
             heartbeat_interval_s=heartbeat_interval,
             grace_period_s=grace_period,
         )
-        warm_up(method)  # the fork server imports torch while the study is opened
+        # The fork server imports torch while the study is opened.
+        method = warm_up(method, warn=lambda line: typer.echo(line, err=True))
         the_study = create_or_load_study(
             store, name, settings, budget=trials, space=search_space.to_dict()
         )

@@ -193,13 +193,29 @@ def _forkserver_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def warm_up(method: str) -> None:
-    """Start the fork server now, so that its imports overlap the launcher's own set-up."""
-    if method == "forkserver":
+# What a fork server that cannot start or fork raises (no socket, no process, a closed pipe).
+_FORKSERVER_ERRORS = (OSError, EOFError, ValueError)
+
+
+def warm_up(method: str, warn: Callable[[str], None] | None = None) -> str:
+    """Start the fork server now, so that its imports overlap the launcher's own set-up.
+
+    Returns the method workers can start by: `method`, or "exec" (after one line to `warn`) when
+    the fork server cannot be started here.
+    """
+    if method != "forkserver":
+        return method
+    try:
         _forkserver_context()
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+    except _FORKSERVER_ERRORS as error:
+        if warn is not None:
+            warn(f"warning: the fork server did not start ({error}); workers start as fresh "
+                 "interpreters instead (HPO_WORKER_START=exec)")
+        return "exec"
+    return method
 
 
 @dataclass
@@ -362,8 +378,16 @@ class Launcher:
                 args=(spec.to_json(), env, str(log_path)),
                 name=f"hpo-worker-{slot.index}",
             )
-            forked.start()
-            return _Worker(slot, _ForkedProcess(forked), log_path, time.monotonic())
+            try:
+                forked.start()
+            except _FORKSERVER_ERRORS as error:
+                # Lost fork server that cannot be restarted: this and later workers start as
+                # fresh interpreters rather than the study stopping.
+                self.out.write(f"warning: cannot fork a worker ({error}); workers start as "
+                               "fresh interpreters from now on\n")
+                self.start_method = "exec"
+            else:
+                return _Worker(slot, _ForkedProcess(forked), log_path, time.monotonic())
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "hpo._worker", spec.to_json()],

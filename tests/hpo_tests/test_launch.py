@@ -3,6 +3,7 @@ test_run.py)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -149,3 +150,54 @@ def test_a_worker_is_recognised_by_its_process_however_it_started():
     fresh.wait()
     other.wait()
     assert not _worker_alive(fresh.pid)
+
+
+def test_workers_start_as_fresh_interpreters_when_the_fork_server_fails(tmp_path, monkeypatch):
+    # A fork server that cannot start, or is lost mid-study and cannot fork, costs start-up
+    # speed only: one warning line, and workers start by exec; the study still runs.
+    import io
+    from multiprocessing import forkserver
+
+    import hpo._launch as launch
+    from hpo._search_space import default_space
+    from hpo._study import StudySettings, create_or_load_study
+    from hpo._worker import WorkerSpec
+    from pipeline import preset
+    from storage import open_storage, resolve_url
+
+    def no_server() -> None:
+        raise OSError("no socket here")
+
+    monkeypatch.setattr(forkserver, "ensure_running", no_server)
+    warnings: list[str] = []
+    assert launch.warm_up("forkserver", warn=warnings.append) == "exec"
+    assert len(warnings) == 1 and "fork server did not start (no socket here)" in warnings[0]
+    assert launch.warm_up("exec", warn=warnings.append) == "exec" and len(warnings) == 1
+
+    class _LostServer:
+        def Process(self, **kwargs):  # noqa: N802 (multiprocessing's name)
+            return self
+
+        def start(self) -> None:
+            raise EOFError("fork server gone")
+
+    monkeypatch.setattr(launch, "_forkserver_context", _LostServer)
+    location = resolve_url(f"sqlite:///{tmp_path / 'hpo.db'}")
+    base = preset("smoke")
+    settings = StudySettings(preset="smoke", objective="composite", direction="minimize",
+                             epochs=base.epochs)  # fmt: skip
+    space = default_space(base).to_dict()
+    study = create_or_load_study(open_storage(location), "lost", settings, budget=1, space=space)
+    spec = WorkerSpec(study="lost", budget=1, preset="smoke", epochs=base.epochs,
+                      objective="composite", pruner="none", sampler="random", sampler_seed=0,
+                      space=space, device="cpu", threads=1, index=0, parent_pid=os.getpid(),
+                      heartbeat_interval_s=2, grace_period_s=10, reconnect_s=10.0)  # fmt: skip
+    out = io.StringIO()
+    slot = plan(device="cpu", workers=1, threads=1)[0]
+    launcher = launch.Launcher(location=location, study=study, spec=spec, slots=[slot],
+                               seed=0, log_dir=tmp_path / "logs", quiet=True, out=out,
+                               method="forkserver")  # fmt: skip
+    result = launcher.run()
+    assert result.counts.complete == 1 and not result.worker_deaths
+    assert "cannot fork a worker (fork server gone)" in out.getvalue()
+    assert launcher.start_method == "exec"
