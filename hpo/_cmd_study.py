@@ -83,6 +83,14 @@ def run(
             "or none.",
         ),
     ] = "hyperband",
+    reduction_factor: Annotated[
+        int,
+        typer.Option(
+            "--reduction-factor",
+            help="eta of hyperband and asha: a trial goes on past epochs 1, eta, eta^2, ... only "
+            "while it is in the best 1/eta of the trials there (>= 2).",
+        ),
+    ] = 3,
     sampler: Annotated[str, typer.Option("--sampler", help="tpe or random.")] = "tpe",
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seeds the sampler of every worker.")
@@ -197,6 +205,8 @@ def run(
         fail(f"--reconnect-timeout must be >= 0, but got {reconnect_timeout}", EXIT_USAGE)
     _choice("--objective", objective, OBJECTIVES)
     _choice("--pruner", pruner, PRUNERS)
+    if reduction_factor < 2:
+        fail(f"--reduction-factor must be at least 2, but got {reduction_factor}", EXIT_USAGE)
     _choice("--sampler", sampler, SAMPLERS)
     try:
         base = preset_config(preset)
@@ -259,6 +269,7 @@ def run(
         epochs=base.epochs,
         objective=objective,
         pruner=pruner,
+        reduction_factor=reduction_factor,
         sampler=sampler,
         sampler_seed=seed,
         space=search_space.to_dict(),

@@ -122,16 +122,19 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise StudyError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, epochs: int, reduction_factor: int = 3) -> optuna.pruners.BasePruner:
+    """The pruner `name` over `epochs`; `reduction_factor` (eta >= 2) is hyperband's and asha's."""
+    if reduction_factor < 2:
+        raise StudyError(f"the reduction factor must be at least 2, but got {reduction_factor}")
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=max(epochs, 1), reduction_factor=3
+            min_resource=1, max_resource=max(epochs, 1), reduction_factor=reduction_factor
         )
     if name == "asha":
-        # Asynchronous successive halving: rungs at 1, 3, 9, ... epochs; a trial goes on past a
-        # rung only while it is in the best third of the trials that reached that rung.
+        # Asynchronous successive halving: rungs at 1, eta, eta^2, ... epochs; a trial goes on
+        # past a rung only while it is in the best 1/eta of the trials that reached that rung.
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=1, reduction_factor=3, min_early_stopping_rate=0
+            min_resource=1, reduction_factor=reduction_factor, min_early_stopping_rate=0
         )
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)

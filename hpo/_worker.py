@@ -69,6 +69,7 @@ class WorkerSpec:
     heartbeat_interval_s: int = 20  # storage.HEARTBEAT_INTERVAL_S
     grace_period_s: int = 300  # storage.GRACE_PERIOD_S
     reconnect_s: float = 300.0  # storage.RECONNECT_S: how long a lost store is waited for
+    reduction_factor: int = 3  # eta of the hyperband and asha pruners
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -250,7 +251,7 @@ class _Worker:
                 study_name=spec.study,
                 storage=self.storage,
                 sampler=make_sampler(spec.sampler, spec.sampler_seed),
-                pruner=make_pruner(spec.pruner, spec.epochs),
+                pruner=make_pruner(spec.pruner, spec.epochs, spec.reduction_factor),
             ),
             "loading the study",
         )

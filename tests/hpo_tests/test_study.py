@@ -27,6 +27,7 @@ from hpo._study import (
     create_or_load_study,
     fail_trial,
     load_existing_study,
+    make_pruner,
     prune_checkpoints,
     set_user_attrs,
     study_counts,
@@ -245,3 +246,18 @@ def test_set_user_attrs_writes_all_in_one_transaction_or_none(store_url):
     study.tell(trial, 1.0)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         set_user_attrs(trial, {"late": 1})  # a finished trial is refused, as by set_user_attr
+
+
+@pytest.mark.parametrize(("reduction_factor", "pruned"), [(2, False), (4, True)])
+def test_the_reduction_factor_sets_how_few_trials_go_on_past_a_rung(reduction_factor, pruned):
+    # Eight trials reached epoch 1 with values 1..8. A ninth with 3.5 is fourth of nine: in the
+    # best half (eta 2) it goes on, in the best quarter (eta 4) it does not.
+    study = optuna.create_study(pruner=make_pruner("asha", 9, reduction_factor))
+    for value in range(1, 9):
+        trial = study.ask()
+        trial.report(float(value), 1)
+        trial.should_prune()
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    trial = study.ask()
+    trial.report(3.5, 1)
+    assert trial.should_prune() is pruned
