@@ -9,13 +9,16 @@ time, and for each pruner the ratio of `none`'s epochs to its own.
 The best objective of a study is the lowest of many noisy validation scores (128 scenes for
 `quick`), so it is biased low by the selection itself; what a user gets is the best trial's model.
 So the bench also scores each study's best trial (its kept final checkpoint) on `--test-scenes`
-held-out test scenes that no trial saw: the same composite, on a set 8x larger. Target (issue 7): at least 3x fewer epochs
+held-out test scenes that no trial saw: the same composite, on a set 8x larger. And it measures
+the noise floor of the objective: `--replicas R` retrains the `none` run's best trial R times with
+its learning rate nudged by 0.1 %, 0.2 %, ... (same data, same initial weights; only training's
+chaos differs) and reports each replica's validation and test composite. Target (issue 7): at least 3x fewer epochs
 for an equal best objective. From the `none` run's full curves it also reports what any pruner
 has to go on: how well each epoch's objective ranks the trials as the final one does (Spearman),
 and where the five best final trials ranked after epochs 1 and 3.
 
     python bench/pruning.py [--preset quick] [--trials 60] [--workers 2] [--seed 0]
-                            [--pruners hyperband asha:4 median] [--test-scenes 1024]
+                            [--pruners hyperband asha:4 median] [--test-scenes 1024] [--replicas 4]
                             [--json FILE] [--keep DIR]
 """
 
@@ -73,6 +76,26 @@ def test_composite(checkpoint: str, scenes: int) -> float:
     return validate(model, test, config, deployment)["composite"]
 
 
+def replicas(params: dict, args: argparse.Namespace) -> list[dict]:
+    """The best trial's config trained again with lr x (1 + 0.001 k), k = 1..R: what the same
+    trial would score had training's rounding gone another way."""
+    import torch
+
+    from pipeline import preset, replace, train
+
+    base = replace(preset(args.preset), **params)
+    rows = []
+    for k in range(1, args.replicas + 1):
+        config = replace(base, lr=base.lr * (1 + 1e-3 * k))
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train(config, device=torch.device("cpu"), checkpoint_dir=Path(tmp))
+            test = test_composite(str(result.checkpoint_path), args.test_scenes)
+        rows.append({"lr_nudge": f"+{k / 10:g} %", "val_composite": round(result.final.composite, 4),
+                     "test_composite": round(test, 4)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def run(pruner: str, args: argparse.Namespace) -> dict:
     name, _, eta = pruner.partition(":")
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,6 +127,8 @@ def run(pruner: str, args: argparse.Namespace) -> dict:
         if args.test_scenes and checkpoint:
             extra["best_trial_test_composite"] = round(test_composite(checkpoint,
                                                                       args.test_scenes), 4)
+        if name == "none" and args.replicas:
+            extra["replicas_of_best"] = replicas(best.params, args)
         states = [t.state.name for t in trials]
         stopped_after: dict[int, int] = {}
         for t in trials:
@@ -130,6 +155,8 @@ def main() -> None:
                         help="pruners to compare with --pruner none")
     parser.add_argument("--test-scenes", type=int, default=1024,
                         help="held-out scenes to score each study's best trial on (0: none)")
+    parser.add_argument("--replicas", type=int, default=0,
+                        help="retrain the none run's best trial this many times (noise floor)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--keep", type=Path, help="keep each run's study here (SQLite files)")
     args = parser.parse_args()
