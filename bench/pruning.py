@@ -41,6 +41,10 @@ def _ranks(values: list[float]) -> np.ndarray:
     return np.argsort(np.argsort(np.asarray(values)))
 
 
+def _spearman(ranks_a: np.ndarray, ranks_b: np.ndarray) -> float:
+    return round(float(np.corrcoef(ranks_a, ranks_b)[0, 1]), 2)
+
+
 def early_epochs_predict(trials: list[optuna.trial.FrozenTrial]) -> dict:
     """How well each epoch's objective ranks the trials as their final objective does (Spearman
     rank correlation over the complete trials of the `none` run), and where the 5 best final
@@ -51,15 +55,24 @@ def early_epochs_predict(trials: list[optuna.trial.FrozenTrial]) -> dict:
     spearman = {}
     for epoch in range(1, epochs + 1):
         at = _ranks([t.intermediate_values[epoch] for t in complete])
-        spearman[epoch] = round(float(np.corrcoef(at, final)[0, 1]), 2)
+        spearman[epoch] = _spearman(at, final)
     best = np.argsort(final)[:5]
     ranks_at = {
         epoch: [int(_ranks([t.intermediate_values[epoch] for t in complete])[i]) for i in best]
         for epoch in (1, 3)
         if epoch <= epochs
     }
+    # Which parameters make a fast start, and which a good finish: Spearman of each searched
+    # parameter with the epoch-1 objective and with the final one.
+    first = _ranks([t.intermediate_values[1] for t in complete])
+    params = {
+        name: [_spearman(_ranks([t.params[name] for t in complete]), first),
+               _spearman(_ranks([t.params[name] for t in complete]), final)]
+        for name in complete[0].params
+    }  # fmt: skip
     return {"trials": len(complete), "spearman_epoch_vs_final": spearman,
-            "ranks_of_5_best_finals_at_epoch": ranks_at}  # fmt: skip
+            "ranks_of_5_best_finals_at_epoch": ranks_at,
+            "param_spearman_with_epoch1_and_final": params}  # fmt: skip
 
 
 def test_composite(checkpoint: str, scenes: int) -> float:
