@@ -163,6 +163,7 @@ def run_trial(
             checkpoint_dir=checkpoint_dir,
             resume=bool(resumed),
             timings=timings,
+            save_best=False,  # a trial's value is its last epoch: no best-epoch copy
         )
         if result.resumed_from_epoch != len(resumed):
             raise CheckpointError(

@@ -442,8 +442,6 @@ class _Worker:
 
         if checkpoint_dir is None or self.spec.checkpoint_dir is None:
             return
-        # The kept final checkpoints need no best-epoch copy: a trial's value is its last epoch.
-        (checkpoint_dir / "best.pt").unlink(missing_ok=True)
         prune_checkpoints_or_warn(self.study, self.spec.checkpoint_dir,
                                   keep=self.spec.keep_checkpoints, retry=self.retry,
                                   warn=_logger.warning)

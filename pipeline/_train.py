@@ -287,11 +287,11 @@ def load_model(path: Path, device: torch.device) -> tuple[CovarianceNet, Experim
 def train(config: ExperimentConfig, *, device: torch.device,
           on_epoch_end: Callable[[EpochMetrics], None] | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          timings: dict[str, float] | None = None) -> TrainResult:
+          timings: dict[str, float] | None = None, save_best: bool = True) -> TrainResult:
     """Train `config` on `device`; call `on_epoch_end(metrics)` after each epoch's validation.
 
     With `checkpoint_dir`, the state after every epoch goes to checkpoint_dir/checkpoint.pt and the
-    best epoch's (lowest composite) to best.pt. With `resume=True` and a checkpoint of the same
+    best epoch's (lowest composite) to best.pt (unless `save_best` is False). With `resume=True` and a checkpoint of the same
     config there, training continues at the epoch after it. Exceptions from `on_epoch_end`
     propagate unchanged; a non-finite loss or gradient raises NumericalError. A `timings` dict
     accumulates "checkpoint_s" and "checkpoint_cpu_s", the wall and CPU seconds spent writing
@@ -333,7 +333,7 @@ def train(config: ExperimentConfig, *, device: torch.device,
             save_checkpoint(checkpoint_path, config=config, epoch=epoch, model=model,
                             optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             history=history)
-            if metrics is min(history, key=lambda m: m.composite):
+            if save_best and metrics is min(history, key=lambda m: m.composite):
                 save_checkpoint(checkpoint_path.with_name(BEST_NAME), config=config, epoch=epoch,
                                 model=model, history=history)
             if timings is not None:

@@ -51,6 +51,7 @@ def test_train_smoke_json_has_finite_metrics_and_a_checkpoint(tmp_path):
     numbers += list(summary["final"]["train_terms"].values())
     assert numbers and all(math.isfinite(v) for v in numbers)
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert (tmp_path / "run" / "best.pt").is_file()  # hpo train keeps its best epoch too
     assert summary["config"]["n_ris_rows"] == 6
     assert "R_samp (MDL K)" in summary["references"]
     # One progress line per epoch goes to stderr when stdout carries the JSON.

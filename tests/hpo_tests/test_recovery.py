@@ -54,6 +54,8 @@ def check_resumed(trials, killed, retry, *, killed_steps: dict[int, float]) -> N
     assert history[: len(before)] == before
     assert retry.state == TrialState.COMPLETE
     assert Path(retry.user_attrs["checkpoint"]).is_file()
+    # A trial's value is its last epoch: it writes no best-epoch copy beside it.
+    assert not Path(retry.user_attrs["checkpoint"]).with_name("best.pt").exists()
 
 
 def test_kill_9_of_a_worker_mid_trial_resumes_from_its_checkpoint(postgres_url, tmp_path):
