@@ -70,9 +70,20 @@ def early_epochs_predict(trials: list[optuna.trial.FrozenTrial]) -> dict:
                _spearman(_ranks([t.params[name] for t in complete]), final)]
         for name in complete[0].params
     }  # fmt: skip
+    # Would another per-epoch metric rank better? Spearman of each validation metric at epochs
+    # 1-3 with the final objective (accuracies negated, so that lower is better for all).
+    metrics = {}
+    for key in ("val_loss", "val_nmse", "k_accuracy", "rmse_azimuth_deg", "rmse_elevation_deg",
+                "rmse_range_m", "success_rate"):  # fmt: skip
+        sign = -1.0 if key in ("k_accuracy", "success_rate") else 1.0
+        metrics[key] = [
+            _spearman(_ranks([sign * t.user_attrs["history"][e][key] for t in complete]), final)
+            for e in range(min(3, epochs))
+        ]
     return {"trials": len(complete), "spearman_epoch_vs_final": spearman,
             "ranks_of_5_best_finals_at_epoch": ranks_at,
-            "param_spearman_with_epoch1_and_final": params}  # fmt: skip
+            "param_spearman_with_epoch1_and_final": params,
+            "metric_spearman_epochs_1_3_with_final": metrics}  # fmt: skip
 
 
 def test_composite(checkpoint: str, scenes: int) -> float:
