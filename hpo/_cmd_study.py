@@ -84,13 +84,14 @@ def run(
         ),
     ] = "hyperband",
     reduction_factor: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--reduction-factor",
             help="eta of hyperband and asha: a trial goes on past epochs 1, eta, eta^2, ... only "
-            "while it is in the best 1/eta of the trials there (>= 2).",
+            "while it is in the best 1/eta of the trials there (>= 2) [default: 3].",
+            show_default=False,
         ),
-    ] = 3,
+    ] = None,
     sampler: Annotated[str, typer.Option("--sampler", help="tpe or random.")] = "tpe",
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seeds the sampler of every worker.")
@@ -205,7 +206,9 @@ def run(
         fail(f"--reconnect-timeout must be >= 0, but got {reconnect_timeout}", EXIT_USAGE)
     _choice("--objective", objective, OBJECTIVES)
     _choice("--pruner", pruner, PRUNERS)
-    if reduction_factor < 2:
+    if reduction_factor is not None and pruner not in ("hyperband", "asha"):
+        fail(f"--reduction-factor is for --pruner hyperband or asha, not {pruner}", EXIT_USAGE)
+    if reduction_factor is not None and reduction_factor < 2:
         fail(f"--reduction-factor must be at least 2, but got {reduction_factor}", EXIT_USAGE)
     _choice("--sampler", sampler, SAMPLERS)
     try:
@@ -269,7 +272,7 @@ def run(
         epochs=base.epochs,
         objective=objective,
         pruner=pruner,
-        reduction_factor=reduction_factor,
+        reduction_factor=reduction_factor or 3,
         sampler=sampler,
         sampler_seed=seed,
         space=search_space.to_dict(),

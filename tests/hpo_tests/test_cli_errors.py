@@ -44,6 +44,8 @@ SMOKE_RUN = ("run", "--trials", "3", "--preset", "smoke", "--quiet")
         (("--epochs", "0"), "--epochs must be >= 1"),
         (("--pruner", "patient"), "--pruner must be one of hyperband, asha, median, none"),
         (("--reduction-factor", "1"), "--reduction-factor must be at least 2, but got 1"),
+        (("--pruner", "median", "--reduction-factor", "4"),
+         "--reduction-factor is for --pruner hyperband or asha, not median"),
         (("--sampler", "grid"), "--sampler must be one of tpe, random"),
         (("--objective", "loss"), "--objective must be one of composite, nmse"),
         (("--preset", "huge"), "unknown preset 'huge'"),
