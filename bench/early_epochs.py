@@ -29,8 +29,8 @@ def curve(args: tuple[str, int, float]) -> dict:
     import torch
 
     from hpo._search_space import default_space, suggest_config
-    from pipeline import preset
     from pipeline import _train as training
+    from pipeline import preset
     from pipeline._data import load_split
     from pipeline._model import build_model
     from pipeline._physics import Deployment

@@ -175,7 +175,7 @@ def test_workers_start_as_fresh_interpreters_when_the_fork_server_fails(tmp_path
     assert launch.warm_up("exec", warn=warnings.append) == "exec" and len(warnings) == 1
 
     class _LostServer:
-        def Process(self, **kwargs):  # noqa: N802 (multiprocessing's name)
+        def Process(self, **kwargs):
             return self
 
         def start(self) -> None:
