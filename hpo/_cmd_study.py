@@ -260,9 +260,11 @@ def run(
             else f"{len(slots)} GPU worker(s) on CUDA_VISIBLE_DEVICES "
             + ",".join(s.cuda_visible_devices for s in slots)
         )
+        eta = f" (eta {reduction_factor or 3})" if pruner in ("hyperband", "asha") else ""
         typer.echo(
             f"study {name!r} in {location.describe()}: {before.finished}/{trials} finished; "
-            f"{where}; worker logs in {log_dir}/; checkpoints in {checkpoints}/",
+            f"{where}; {sampler} sampler, {pruner} pruner{eta}; worker logs in {log_dir}/; "
+            f"checkpoints in {checkpoints}/",
             err=True,
         )
     spec = WorkerSpec(

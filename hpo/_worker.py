@@ -330,6 +330,9 @@ class _Worker:
                 "seed": config.seed,
                 "worker_index": self.spec.index,
                 "started_unix": started,
+                "pruner": self.spec.pruner,  # what judged this trial (a resumed study may differ)
+                **({"reduction_factor": self.spec.reduction_factor}
+                   if self.spec.pruner in ("hyperband", "asha") else {}),
                 **self.device_info,
             }
             if ATTR_RETRY_COUNT not in trial.user_attrs:

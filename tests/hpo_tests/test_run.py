@@ -310,3 +310,15 @@ def test_a_worker_that_dies_is_replaced_and_its_trial_recorded(tmp_path):
     [retry] = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert retry.params == killed.params and retry.state in FINISHED
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
+
+
+def test_the_pruner_and_its_reduction_factor_reach_every_trial(tmp_path):
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    result = hpo("run", "--trials", "3", "--preset", "smoke", "--pruner", "asha",
+                 "--reduction-factor", "2", "--storage", url, "--study", "eta", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "tpe sampler, asha pruner (eta 2)" in result.stderr.splitlines()[0]
+    trials = trials_of(url, "eta")
+    assert len(trials) == 3
+    assert all((t.user_attrs["pruner"], t.user_attrs["reduction_factor"]) == ("asha", 2)
+               for t in trials)
