@@ -292,10 +292,10 @@ def train(config: ExperimentConfig, *, device: torch.device,
 
     With `checkpoint_dir`, the state after every epoch goes to checkpoint_dir/checkpoint.pt and the
     best epoch's (lowest composite) to best.pt (unless `save_best` is False). With `resume=True`
-    and a checkpoint of the same config there, training continues at the epoch after it. Exceptions from `on_epoch_end`
-    propagate unchanged; a non-finite loss or gradient raises NumericalError. A `timings` dict
-    accumulates "checkpoint_s" and "checkpoint_cpu_s", the wall and CPU seconds spent writing
-    checkpoints (the caller's overhead, not training).
+    and a checkpoint of the same config there, training continues at the epoch after it.
+    Exceptions from `on_epoch_end` propagate unchanged; a non-finite loss or gradient raises
+    NumericalError. A `timings` dict accumulates "checkpoint_s" and "checkpoint_cpu_s", the wall
+    and CPU seconds spent writing checkpoints (the caller's overhead, not training).
     """
     torch.manual_seed(config.seed)
     deployment = Deployment.build(config, device)
