@@ -173,8 +173,10 @@ def run(
     from hpo._launch import Launcher, LaunchError, plan_slots, start_method, warm_up
     from hpo._search_space import SpaceError, load_space
     from hpo._study import (
+        ETA_PRUNERS,
         OBJECTIVES,
         PRUNERS,
+        REDUCTION_FACTOR,
         SAMPLERS,
         RequeueStaleTrial,
         StudyError,
@@ -206,10 +208,12 @@ def run(
         fail(f"--reconnect-timeout must be >= 0, but got {reconnect_timeout}", EXIT_USAGE)
     _choice("--objective", objective, OBJECTIVES)
     _choice("--pruner", pruner, PRUNERS)
-    if reduction_factor is not None and pruner not in ("hyperband", "asha"):
-        fail(f"--reduction-factor is for --pruner hyperband or asha, not {pruner}", EXIT_USAGE)
+    if reduction_factor is not None and pruner not in ETA_PRUNERS:
+        fail(f"--reduction-factor is for --pruner {' or '.join(ETA_PRUNERS)}, not {pruner}",
+             EXIT_USAGE)
     if reduction_factor is not None and reduction_factor < 2:
         fail(f"--reduction-factor must be at least 2, but got {reduction_factor}", EXIT_USAGE)
+    eta = reduction_factor or REDUCTION_FACTOR
     _choice("--sampler", sampler, SAMPLERS)
     try:
         base = preset_config(preset)
@@ -260,10 +264,10 @@ def run(
             else f"{len(slots)} GPU worker(s) on CUDA_VISIBLE_DEVICES "
             + ",".join(s.cuda_visible_devices for s in slots)
         )
-        eta = f" (eta {reduction_factor or 3})" if pruner in ("hyperband", "asha") else ""
+        judged_by = f"{pruner} pruner" + (f" (eta {eta})" if pruner in ETA_PRUNERS else "")
         typer.echo(
             f"study {name!r} in {location.describe()}: {before.finished}/{trials} finished; "
-            f"{where}; {sampler} sampler, {pruner} pruner{eta}; worker logs in {log_dir}/; "
+            f"{where}; {sampler} sampler, {judged_by}; worker logs in {log_dir}/; "
             f"checkpoints in {checkpoints}/",
             err=True,
         )
@@ -274,7 +278,7 @@ def run(
         epochs=base.epochs,
         objective=objective,
         pruner=pruner,
-        reduction_factor=reduction_factor or 3,
+        reduction_factor=eta,
         sampler=sampler,
         sampler_seed=seed,
         space=search_space.to_dict(),

@@ -42,6 +42,8 @@ _logger = logging.getLogger(__name__)
 
 OBJECTIVES: dict[str, str] = {"composite": "minimize", "nmse": "minimize"}  # name -> direction
 PRUNERS = ("hyperband", "asha", "median", "none")
+ETA_PRUNERS = ("hyperband", "asha")  # the pruners with a reduction factor (eta)
+REDUCTION_FACTOR = 3  # their default eta
 SAMPLERS = ("tpe", "random")
 MAX_RETRIES = 3  # an interrupted/stale trial is re-queued at most this many times in a chain
 
@@ -122,7 +124,8 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise StudyError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def make_pruner(name: str, epochs: int, reduction_factor: int = 3) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, epochs: int,
+                reduction_factor: int = REDUCTION_FACTOR) -> optuna.pruners.BasePruner:
     """The pruner `name` over `epochs`; `reduction_factor` (eta >= 2) is hyperband's and asha's."""
     if reduction_factor < 2:
         raise StudyError(f"the reduction factor must be at least 2, but got {reduction_factor}")

@@ -69,7 +69,7 @@ class WorkerSpec:
     heartbeat_interval_s: int = 20  # storage.HEARTBEAT_INTERVAL_S
     grace_period_s: int = 300  # storage.GRACE_PERIOD_S
     reconnect_s: float = 300.0  # storage.RECONNECT_S: how long a lost store is waited for
-    reduction_factor: int = 3  # eta of the hyperband and asha pruners
+    reduction_factor: int = 3  # eta of hyperband and asha (hpo._study.REDUCTION_FACTOR)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -313,6 +313,7 @@ class _Worker:
             ATTR_FAIL_REASON,
             ATTR_RESUMED_FROM,
             ATTR_RETRY_COUNT,
+            ETA_PRUNERS,
             fail_trial,
         )
         from pipeline import config_to_dict
@@ -332,7 +333,7 @@ class _Worker:
                 "started_unix": started,
                 "pruner": self.spec.pruner,  # what judged this trial (a resumed study may differ)
                 **({"reduction_factor": self.spec.reduction_factor}
-                   if self.spec.pruner in ("hyperband", "asha") else {}),
+                   if self.spec.pruner in ETA_PRUNERS else {}),
                 **self.device_info,
             }
             if ATTR_RETRY_COUNT not in trial.user_attrs:
