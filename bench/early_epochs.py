@@ -21,6 +21,7 @@ import multiprocessing
 from pathlib import Path
 
 import numpy as np
+from pruning import ranks, spearman  # bench/pruning.py: one rank correlation for both benches
 
 
 def curve(args: tuple[str, int, float]) -> dict:
@@ -69,11 +70,6 @@ def curve(args: tuple[str, int, float]) -> dict:
     return {"index": index, "params": trial.params, "raw": raw, "ema": averaged}
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    ranks = [np.argsort(np.argsort(np.asarray(v))) for v in (a, b)]
-    return round(float(np.corrcoef(*ranks)[0, 1]), 2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="quick")
@@ -85,15 +81,17 @@ def main() -> None:
     jobs = [(args.preset, i, args.ema_half_life) for i in range(args.configs)]
     with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
         curves = pool.map(curve, jobs, chunksize=1)
-    final = [c["raw"][-1] for c in curves]
+    finals = [c["raw"][-1] for c in curves]
+    final = ranks(finals)
     epochs = len(curves[0]["raw"])
     result = {
         "preset": args.preset, "configs": len(curves),
-        "spearman_epoch_vs_final": {e + 1: spearman([c["raw"][e] for c in curves], final)
+        "spearman_epoch_vs_final": {e + 1: spearman(ranks([c["raw"][e] for c in curves]), final)
                                     for e in range(epochs)},
-        "ema_spearman_epoch_vs_final": {e + 1: spearman([c["ema"][e] for c in curves], final)
+        "ema_spearman_epoch_vs_final": {e + 1: spearman(ranks([c["ema"][e] for c in curves]),
+                                                        final)
                                         for e in range(epochs)},
-        "best_final": round(min(final), 4), "median_final": round(float(np.median(final)), 4),
+        "best_final": round(min(finals), 4), "median_final": round(float(np.median(finals)), 4),
     }  # fmt: skip
     print(json.dumps(result))
     if args.json:

@@ -12,10 +12,13 @@ So the bench also scores each study's best trial (its kept final checkpoint) on 
 held-out test scenes that no trial saw: the same composite, on a set 8x larger. And it measures
 the noise floor of the objective: `--replicas R` retrains the `none` run's best trial R times with
 its learning rate nudged by 0.1 %, 0.2 %, ... (same data, same initial weights; only training's
-chaos differs) and reports each replica's validation and test composite. Target (issue 7): at least 3x fewer epochs
-for an equal best objective. From the `none` run's full curves it also reports what any pruner
-has to go on: how well each epoch's objective ranks the trials as the final one does (Spearman),
-and where the five best final trials ranked after epochs 1 and 3.
+chaos differs) and reports each replica's validation and test composite.
+
+Target (issue 7): at least 3x fewer epochs for an equal best objective. From the `none` run's
+full curves it also reports what any pruner has to go on: how well each epoch's objective ranks
+the trials as the final one does (Spearman), where the five best final trials ranked after epochs
+1 and 3, which parameters make a fast start and which a good finish, and how each validation
+metric at epochs 1-3 ranks the final objective.
 
     python bench/pruning.py [--preset quick] [--trials 60] [--workers 2] [--seed 0]
                             [--pruners hyperband asha:4 median] [--test-scenes 1024] [--replicas 4]
@@ -36,12 +39,15 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+from hpo._study import ATTR_CHECKPOINT
 
-def _ranks(values: list[float]) -> np.ndarray:
+
+def ranks(values: list[float]) -> np.ndarray:
     return np.argsort(np.argsort(np.asarray(values)))
 
 
-def _spearman(ranks_a: np.ndarray, ranks_b: np.ndarray) -> float:
+def spearman(ranks_a: np.ndarray, ranks_b: np.ndarray) -> float:
+    """Spearman rank correlation of two rankings (from `ranks`), to 2 decimals."""
     return round(float(np.corrcoef(ranks_a, ranks_b)[0, 1]), 2)
 
 
@@ -51,25 +57,24 @@ def early_epochs_predict(trials: list[optuna.trial.FrozenTrial]) -> dict:
     trials ranked after epochs 1 and 3 (0 = best): what any rank-based pruner sees."""
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     epochs = min(len(t.intermediate_values) for t in complete)
-    final = _ranks([t.value for t in complete])
-    spearman = {}
+    final = ranks([t.value for t in complete])
+    by_epoch = {}
     for epoch in range(1, epochs + 1):
-        at = _ranks([t.intermediate_values[epoch] for t in complete])
-        spearman[epoch] = _spearman(at, final)
+        at = ranks([t.intermediate_values[epoch] for t in complete])
+        by_epoch[epoch] = spearman(at, final)
     best = np.argsort(final)[:5]
     ranks_at = {
-        epoch: [int(_ranks([t.intermediate_values[epoch] for t in complete])[i]) for i in best]
+        epoch: [int(ranks([t.intermediate_values[epoch] for t in complete])[i]) for i in best]
         for epoch in (1, 3)
         if epoch <= epochs
     }
     # Which parameters make a fast start, and which a good finish: Spearman of each searched
     # parameter with the epoch-1 objective and with the final one.
-    first = _ranks([t.intermediate_values[1] for t in complete])
-    params = {
-        name: [_spearman(_ranks([t.params[name] for t in complete]), first),
-               _spearman(_ranks([t.params[name] for t in complete]), final)]
-        for name in complete[0].params
-    }  # fmt: skip
+    first = ranks([t.intermediate_values[1] for t in complete])
+    params = {}
+    for name in complete[0].params:
+        ranked = ranks([t.params[name] for t in complete])
+        params[name] = [spearman(ranked, first), spearman(ranked, final)]
     # Would another per-epoch metric rank better? Spearman of each validation metric at epochs
     # 1-3 with the final objective (accuracies negated, so that lower is better for all).
     metrics = {}
@@ -77,10 +82,10 @@ def early_epochs_predict(trials: list[optuna.trial.FrozenTrial]) -> dict:
                 "rmse_range_m", "success_rate"):  # fmt: skip
         sign = -1.0 if key in ("k_accuracy", "success_rate") else 1.0
         metrics[key] = [
-            _spearman(_ranks([sign * t.user_attrs["history"][e][key] for t in complete]), final)
+            spearman(ranks([sign * t.user_attrs["history"][e][key] for t in complete]), final)
             for e in range(min(3, epochs))
         ]
-    return {"trials": len(complete), "spearman_epoch_vs_final": spearman,
+    return {"trials": len(complete), "spearman_epoch_vs_final": by_epoch,
             "ranks_of_5_best_finals_at_epoch": ranks_at,
             "param_spearman_with_epoch1_and_final": params,
             "metric_spearman_epochs_1_3_with_final": metrics}  # fmt: skip
@@ -114,8 +119,9 @@ def replicas(params: dict, args: argparse.Namespace) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             result = train(config, device=torch.device("cpu"), checkpoint_dir=Path(tmp))
             test = test_composite(str(result.checkpoint_path), args.test_scenes)
-        rows.append({"lr_nudge": f"+{k / 10:g} %", "val_composite": round(result.final.composite, 4),
-                     "test_composite": round(test, 4)})
+        rows.append({"lr_nudge": f"+{k / 10:g} %",
+                     "val_composite": round(result.final.composite, 4),
+                     "test_composite": round(test, 4)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -143,11 +149,12 @@ def run(pruner: str, args: argparse.Namespace) -> dict:
         trials = study.get_trials(deepcopy=False)
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
+            kept = args.keep / f"{name}{eta}-seed{args.seed}.db"
             optuna.copy_study(from_study_name="pruning", from_storage=url,
-                              to_storage=f"sqlite:///{args.keep / f'{name}{eta}-seed{args.seed}.db'}")
+                              to_storage=f"sqlite:///{kept}")
         extra = {"early_epochs": early_epochs_predict(trials)} if name == "none" else {}
         best = study.best_trial
-        checkpoint = best.user_attrs.get("checkpoint")
+        checkpoint = best.user_attrs.get(ATTR_CHECKPOINT)
         if args.test_scenes and checkpoint:
             extra["best_trial_test_composite"] = round(test_composite(checkpoint,
                                                                       args.test_scenes), 4)
