@@ -17,6 +17,7 @@ import typer
 
 from hpo._app import app
 from hpo._common import fail
+from hpo._worker import CHECKPOINT_EVERY_S
 
 StorageOption = Annotated[
     str | None,
@@ -129,11 +130,21 @@ def run(
             "--checkpoint-dir",
             envvar="HPO_CHECKPOINT_DIR",
             file_okay=False,
-            help="Where trials checkpoint every epoch, so a retried trial resumes; on several "
+            help="Where trials checkpoint, so a retried trial resumes; on several "
             "nodes a path they all share [default: runs/checkpoints].",
             show_default=False,
         ),
     ] = None,
+    checkpoint_every: Annotated[
+        float,
+        typer.Option(
+            "--checkpoint-every",
+            metavar="SECONDS",
+            help="Save a trial's training state once this many seconds of training have passed "
+            "since its last save, and after its last epoch: a retried trial redoes at most "
+            "that much. 0 saves after every epoch.",
+        ),
+    ] = CHECKPOINT_EVERY_S,
     keep_checkpoints: Annotated[
         int,
         typer.Option(
@@ -194,6 +205,8 @@ def run(
         fail(f"--trials must be >= 1, but got {trials}", EXIT_USAGE)
     if epochs is not None and epochs < 1:
         fail(f"--epochs must be >= 1, but got {epochs}", EXIT_USAGE)
+    if not checkpoint_every >= 0:  # also refuses nan
+        fail(f"--checkpoint-every must be >= 0 seconds, but got {checkpoint_every}", EXIT_USAGE)
     if keep_checkpoints < 0:
         fail(f"--keep-checkpoints must be >= 0, but got {keep_checkpoints}", EXIT_USAGE)
     if heartbeat_interval < 1:
@@ -288,6 +301,7 @@ def run(
         parent_pid=os.getpid(),
         checkpoint_dir=str(checkpoints),
         keep_checkpoints=keep_checkpoints,
+        checkpoint_every_s=checkpoint_every,
         heartbeat_interval_s=heartbeat_interval,
         grace_period_s=grace_period,
         reconnect_s=reconnect_timeout,

@@ -5,7 +5,8 @@ not depend on any searched loss weight: `composite` is the localization score of
 (lower is better), `nmse` the validation covariance NMSE. A trial's value is the objective at its
 last epoch (the model it ends with; the cosine schedule makes that the intended end point).
 
-With a checkpoint directory, training saves its state after every epoch and resumes from what is
+With a checkpoint directory, training saves its state (after every epoch, or at the interval the
+worker asks for, and after the last epoch) and resumes from what is
 there: a retried trial (a NEW trial with the same parameters) first reports the epochs of the
 checkpoint's history as its own intermediate values 1..k, then trains and reports k+1 onwards.
 So every trial's intermediate values are one per epoch with no step twice, whether it resumed or
@@ -19,7 +20,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import optuna
 import torch
 
+from hpo._trial_writes import report_epoch, set_user_attrs
 from pipeline import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -84,14 +86,19 @@ def run_trial(
     checkpoint_dir: Path | None = None,
     store: Callable[[Callable[[], Any], str], Any] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    prune_steps: Container[int] | None = None,
+    checkpoint_every_s: float = 0.0,
 ) -> TrialRun:
     """Train `config`, report the objective each epoch, prune when the pruner says so.
 
     `guard` is entered around each epoch's reporting (the worker uses it to hold off signals
     while the store is written); `store(fn, what)` runs each group of store writes (the worker
-    retries them while the store is away). With `checkpoint_dir`, training checkpoints there every
-    epoch and resumes from a checkpoint of the same config found there; `on_resume(epoch)` is
-    called first with the epoch it resumes after (0 for a fresh start). Numerical failures and CUDA
+    retries them while the store is away). With `checkpoint_dir`, training checkpoints there (after
+    every epoch, or every `checkpoint_every_s` seconds of training and after the last epoch) and
+    resumes from a checkpoint of the same config found there; `on_resume(epoch)` is
+    called first with the epoch it resumes after (0 for a fresh start). The pruner is asked
+    after the epochs in `prune_steps` (`hpo._study.pruning_steps`; None: after every one), and
+    once after the epochs restored from a checkpoint. Numerical failures and CUDA
     out-of-memory end the trial as FAIL with their reason; anything raised by `guard` or `store`
     or a KeyboardInterrupt-like BaseException propagates to the caller.
     """
@@ -114,12 +121,17 @@ def run_trial(
         history.append(metrics.to_dict())
 
         def send() -> bool:
-            trial.set_user_attr("history", history)
             if not math.isfinite(value):
+                set_user_attrs(trial, {"history": history})
                 return False
-            trial.report(value, metrics.epoch)
+            report_epoch(trial, value, metrics.epoch, {"history": history})  # one transaction
             # After the last epoch there is no training left to save: the trial completes.
-            return metrics.epoch < config.epochs and live and trial.should_prune()
+            return (
+                metrics.epoch < config.epochs
+                and live
+                and (prune_steps is None or metrics.epoch in prune_steps)
+                and trial.should_prune()
+            )
 
         with guard() if guard else contextlib.nullcontext():
             prune = write(send, f"reporting epoch {metrics.epoch} of trial {trial.number}")
@@ -164,6 +176,7 @@ def run_trial(
             resume=bool(resumed),
             timings=timings,
             save_best=False,  # a trial's value is its last epoch: no best-epoch copy
+            checkpoint_every_s=checkpoint_every_s,
         )
         if result.resumed_from_epoch != len(resumed):
             raise CheckpointError(

@@ -36,6 +36,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._trial_writes import set_user_attrs
 from storage import store_lock
 
 _logger = logging.getLogger(__name__)
@@ -144,6 +145,22 @@ def make_pruner(name: str, epochs: int,
     if name == "none":
         return optuna.pruners.NopPruner()
     raise StudyError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+
+
+def pruning_steps(name: str, epochs: int,
+                  reduction_factor: int = REDUCTION_FACTOR) -> frozenset[int] | None:
+    """The epochs after which pruner `name` (as `make_pruner` builds it) can stop a trial, or None
+    for any epoch. Hyperband's brackets and asha promote at rungs min_resource x eta^k, with
+    min_resource 1: elsewhere their answer is always "go on", and asking costs a store read."""
+    if name in ETA_PRUNERS:
+        steps, step = set(), 1
+        while step <= epochs:
+            steps.add(step)
+            step *= reduction_factor
+        return frozenset(steps)
+    if name == "none":
+        return frozenset()
+    return None
 
 
 def study_names(storage: RDBStorage) -> list[str]:
@@ -272,29 +289,6 @@ def study_counts(study: optuna.Study) -> StudyCounts:
     return count_trials(study.get_trials(deepcopy=False))
 
 
-def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    """Set every attribute of `attrs` on `trial` in one transaction of a relational store (each
-    `set_user_attr` is a round trip and a commit of its own: ~20 of them per trial otherwise);
-    one at a time through Optuna's API where the store is something else."""
-    if not attrs:
-        return
-    backend = getattr(trial.storage, "_backend", trial.storage)  # under Optuna's cache
-    if not isinstance(backend, RDBStorage):
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
-    # Optuna has no public batch write; these are the pieces of RDBStorage.set_trial_user_attr.
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial._trial_id, key, value
-            )
-    trial._cached_frozen_trial.user_attrs.update(attrs)  # what trial.user_attrs returns
-
-
 def claim_trial(study: optuna.Study, budget: int) -> optuna.Trial | None:
     """A new RUNNING trial if the study has fewer than `budget` trials used, else None.
 
@@ -311,9 +305,11 @@ def claim_trial(study: optuna.Study, budget: int) -> optuna.Trial | None:
         # they are meant for optimize().
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        _fail_stale_locked(study)
-        _void_half_claims(study)
-        if study_counts(study).used >= budget:
+        changed = bool(_fail_stale_locked(study))
+        trials = study.get_trials(deepcopy=False)
+        if _void_half_claims(study, trials) or changed:
+            trials = study.get_trials(deepcopy=False)  # read again only when it changed
+        if count_trials(trials).used >= budget:
             return None
         trial = study.ask()
         try:
@@ -358,11 +354,15 @@ def _void(study: optuna.Study, trial_id: int, reason: str) -> None:
         _logger.warning("could not void trial id %d: %s", trial_id, e)
 
 
-def _void_half_claims(study: optuna.Study) -> None:
+def _void_half_claims(study: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
     """Under the lock: RUNNING trials whose claim never completed (the store went away between
-    creating and tagging them) may have no heartbeat and would stay RUNNING forever; void them."""
+    creating and tagging them) may have no heartbeat and would stay RUNNING forever; void them.
+    `trials` is the study's trials as just read; True if any was voided."""
     now = time.time()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    voided = False
+    for trial in trials:
+        if trial.state != TrialState.RUNNING:
+            continue
         # A claim records the heartbeat before the pid: a trial with a pid has a heartbeat, and
         # going stale ends it if its worker vanished.
         if ATTR_WORKER_PID in trial.user_attrs or trial.datetime_start is None:
@@ -371,6 +371,8 @@ def _void_half_claims(study: optuna.Study) -> None:
         started = trial.datetime_start.replace(tzinfo=datetime.UTC).timestamp()
         if now - started > HALF_CLAIM_AGE_S:
             _void(study, trial._trial_id, "claimed but never started (the store went away)")
+            voided = True
+    return voided
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:

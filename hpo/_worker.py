@@ -12,7 +12,7 @@ launcher disappears stops the same way, so no worker outlives its `hpo run`.
 
 Resuming: every trial trains in the checkpoint directory of its retry chain (checkpoint_dir/<study>/
 trial-<first number>), so a retry of a trial whose worker died continues after the last epoch
-that trial saved. The store may go away (a PostgreSQL restart): every store operation is retried
+that trial saved (it saves every `checkpoint_every_s` seconds of training and after its last epoch). The store may go away (a PostgreSQL restart): every store operation is retried
 with a bounded backoff (`reconnect_s` in all), and a trial whose store writes failed for good is
 left to its heartbeat, which lets another worker re-queue it.
 
@@ -42,6 +42,9 @@ EXIT_ERROR = 1
 EXIT_RECYCLE = 75
 EXIT_INTERRUPTED = 130
 MAX_CONSECUTIVE_ERRORS = 5  # unexpected (non-numerical) trial errors in a row before giving up
+# A trial saves its training state (for a retry to resume) once this many seconds of training have
+# passed since its last save, and after its last epoch (`hpo run --checkpoint-every`).
+CHECKPOINT_EVERY_S = 30.0
 
 _logger = logging.getLogger("hpo.worker")
 
@@ -66,6 +69,7 @@ class WorkerSpec:
     max_trials: int = 50  # trials before the process is recycled (a new fork: ~1 s)
     checkpoint_dir: str | None = None  # absolute; shared by every node of the study
     keep_checkpoints: int = 3  # final checkpoints of the best COMPLETE trials kept on disk
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S  # 0: after every epoch
     heartbeat_interval_s: int = 20  # storage.HEARTBEAT_INTERVAL_S
     grace_period_s: int = 300  # storage.GRACE_PERIOD_S
     reconnect_s: float = 300.0  # storage.RECONNECT_S: how long a lost store is waited for
@@ -315,7 +319,9 @@ class _Worker:
             ATTR_RETRY_COUNT,
             ETA_PRUNERS,
             fail_trial,
+            pruning_steps,
         )
+        from hpo._trial_writes import batched_params
         from pipeline import config_to_dict
         from storage import StorageError
 
@@ -323,9 +329,11 @@ class _Worker:
         heartbeat = _Heartbeat(self.storage, trial._trial_id, self.heartbeat_s)
         checkpoint_dir = self._checkpoint_dir(trial)
         try:
-            config = self.retry(
-                lambda: suggest_config(trial, self.space, self.base), "suggesting parameters"
-            )
+            def suggest() -> Any:
+                with batched_params(trial):  # one transaction for all the parameters
+                    return suggest_config(trial, self.space, self.base)
+
+            config = self.retry(suggest, "suggesting parameters")
             attrs: dict[str, Any] = {
                 "config": config_to_dict(config),
                 "seed": config.seed,
@@ -353,6 +361,10 @@ class _Worker:
                     store=self.retry,
                     on_resume=lambda epoch: self._set_attrs(
                         trial, {ATTR_RESUMED_FROM: epoch}, "recording the resume"
+                    ),
+                    checkpoint_every_s=self.spec.checkpoint_every_s,
+                    prune_steps=pruning_steps(
+                        self.spec.pruner, self.spec.epochs, self.spec.reduction_factor
                     ),
                 )
         except WorkerInterrupted as e:

@@ -287,11 +287,15 @@ def load_model(path: Path, device: torch.device) -> tuple[CovarianceNet, Experim
 def train(config: ExperimentConfig, *, device: torch.device,
           on_epoch_end: Callable[[EpochMetrics], None] | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          timings: dict[str, float] | None = None, save_best: bool = True) -> TrainResult:
+          timings: dict[str, float] | None = None, save_best: bool = True,
+          checkpoint_every_s: float = 0.0) -> TrainResult:
     """Train `config` on `device`; call `on_epoch_end(metrics)` after each epoch's validation.
 
     With `checkpoint_dir`, the state after every epoch goes to checkpoint_dir/checkpoint.pt and the
-    best epoch's (lowest composite) to best.pt (unless `save_best` is False). With `resume=True`
+    best epoch's (lowest composite) to best.pt (unless `save_best` is False). With
+    `checkpoint_every_s` > 0 the state is saved only once that many seconds of training have passed
+    since the last save (or the start), and after the last epoch: a resumed run redoes at most that
+    much, and short epochs are not slowed by saves no one will read. With `resume=True`
     and a checkpoint of the same config there, training continues at the epoch after it.
     Exceptions from `on_epoch_end` propagate unchanged; a non-finite loss or gradient raises
     NumericalError. A `timings` dict accumulates "checkpoint_s" and "checkpoint_cpu_s", the wall
@@ -320,6 +324,7 @@ def train(config: ExperimentConfig, *, device: torch.device,
     resumed_from = start_epoch - 1
 
     val = load_split(config, deployment, "val", config.n_val)
+    last_save = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
         train_terms = _train_epoch(model, optimizer, scheduler, scaler, config, deployment,
@@ -328,12 +333,16 @@ def train(config: ExperimentConfig, *, device: torch.device,
         metrics = _epoch_metrics(epoch, train_terms, val_metrics, scheduler.get_last_lr()[0],
                                  time.perf_counter() - started)
         history.append(metrics)
-        if checkpoint_path is not None:
+        due = epoch == config.epochs or time.perf_counter() - last_save >= checkpoint_every_s
+        best = save_best and metrics is min(history, key=lambda m: m.composite)
+        if checkpoint_path is not None and (due or best):
             saving, saving_cpu = time.perf_counter(), time.process_time()
-            save_checkpoint(checkpoint_path, config=config, epoch=epoch, model=model,
-                            optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            history=history)
-            if save_best and metrics is min(history, key=lambda m: m.composite):
+            if due:
+                save_checkpoint(checkpoint_path, config=config, epoch=epoch, model=model,
+                                optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                history=history)
+                last_save = time.perf_counter()
+            if best:
                 save_checkpoint(checkpoint_path.with_name(BEST_NAME), config=config, epoch=epoch,
                                 model=model, history=history)
             if timings is not None:

@@ -46,6 +46,8 @@ SMOKE_RUN = ("run", "--trials", "3", "--preset", "smoke", "--quiet")
         (("--reduction-factor", "1"), "--reduction-factor must be at least 2, but got 1"),
         (("--pruner", "median", "--reduction-factor", "4"),
          "--reduction-factor is for --pruner hyperband or asha, not median"),
+        (("--checkpoint-every", "-1"), "--checkpoint-every must be >= 0 seconds, but got -1"),
+        (("--checkpoint-every", "nan"), "--checkpoint-every must be >= 0 seconds, but got nan"),
         (("--sampler", "grid"), "--sampler must be one of tpe, random"),
         (("--objective", "loss"), "--objective must be one of composite, nmse"),
         (("--preset", "huge"), "unknown preset 'huge'"),

@@ -41,7 +41,8 @@ def check_resumed(trials, killed, retry, *, killed_steps: dict[int, float]) -> N
     assert retry.user_attrs["retry_of"] == killed.number
     assert retry.user_attrs["retry_count"] == 1
     resumed = retry.user_attrs["resumed_from_epoch"]
-    # The checkpoint is written before each report, so it holds at least the reported epochs.
+    # With --checkpoint-every 0 the checkpoint is written before each report, so it holds at
+    # least the reported epochs.
     assert 1 <= max(killed_steps) <= resumed <= EPOCHS
     assert sorted(retry.intermediate_values) == list(range(1, EPOCHS + 1))  # no step twice
     for step, value in killed_steps.items():
@@ -64,7 +65,7 @@ def test_kill_9_of_a_worker_mid_trial_resumes_from_its_checkpoint(postgres_url, 
     node = start_node(
         postgres_url, name, "--trials", str(budget), "--workers", "2", "--epochs", str(EPOCHS),
         "--pruner", "none", "--space", slow_space(tmp_path), "--keep-checkpoints", "10",
-        cwd=tmp_path,
+        "--checkpoint-every", "0", cwd=tmp_path,
     )  # fmt: skip
     reader = StoreReader(postgres_url, name)
     try:
@@ -117,7 +118,7 @@ def test_a_lost_node_is_noticed_by_heartbeat_and_its_trial_resumes_elsewhere(
     budget = 3
     common = (
         "--trials", str(budget), "--workers", "1", "--epochs", str(EPOCHS), "--pruner", "none",
-        "--space", slow_space(tmp_path), "--keep-checkpoints", "10",
+        "--space", slow_space(tmp_path), "--keep-checkpoints", "10", "--checkpoint-every", "0",
         "--heartbeat-interval", "1", "--grace-period", "6",
         "--checkpoint-dir", str(tmp_path / "shared-checkpoints"),
     )  # fmt: skip

@@ -155,6 +155,26 @@ def test_checkpoint_resumes_at_the_next_epoch_with_the_same_result(tmp_path):
     assert resumed.final.val_nmse == pytest.approx(straight.final.val_nmse, rel=1e-5)
 
 
+@pytest.mark.parametrize(("every_s", "saved_after"), [(0.0, [1, 2, 3]), (3600.0, [3])])
+def test_checkpoint_interval_saves_only_when_due_and_always_after_the_last_epoch(
+        tmp_path, every_s, saved_after):
+    config = dataclasses.replace(preset("smoke"), epochs=3)
+    path = tmp_path / "checkpoint.pt"
+    seen: list[int] = []
+
+    def look(metrics: EpochMetrics) -> None:  # runs after the epoch's save, if any
+        if path.exists() and load_checkpoint(path)["epoch"] == metrics.epoch:
+            seen.append(metrics.epoch)
+
+    result = train(config, device=CPU, checkpoint_dir=tmp_path, on_epoch_end=look,
+                   checkpoint_every_s=every_s)
+    assert seen == saved_after
+    # The last epoch's state is complete whatever the interval: a finished run can be resumed
+    # (to nothing) and its model loaded.
+    assert load_checkpoint(path)["epoch"] == 3
+    assert result.checkpoint_path == path
+
+
 def test_subspace_features_from_the_gram_matrix_equal_the_full_eigh():
     # The model's fast path (eigenpairs of R_samp from the L x L Gram matrix) against the
     # straightforward N x N eigendecomposition of R_samp in double precision.
