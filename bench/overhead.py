@@ -102,6 +102,7 @@ class _TreeCPU:
     def __init__(self, root: int) -> None:
         self.root = root
         self.seen: dict[int, float] = {}
+        self.parent: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -123,6 +124,7 @@ class _TreeCPU:
                     grew = True
         for pid in tree & cpu.keys():
             self.seen[pid] = max(self.seen.get(pid, 0.0), cpu[pid])
+            self.parent[pid] = parents[pid]
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
@@ -132,6 +134,21 @@ class _TreeCPU:
         self._stop.set()
         self._thread.join()
         return sum(self.seen.values())
+
+    def by_role(self) -> dict[str, float]:
+        """CPU seconds of the launcher (`hpo run` itself), of the processes that start workers
+        (the fork server and its helpers: children of the launcher that are not workers) and of
+        the workers (the rest: the processes that ran trials, forked from the fork server or
+        started as fresh interpreters)."""
+        children = {pid for pid, parent in self.parent.items() if parent == self.root}
+        starters = {pid for pid in children if pid in self.parent.values()}
+        roles = {"launcher": 0.0, "starter": 0.0, "workers": 0.0}
+        for pid, cpu in self.seen.items():
+            role = ("launcher" if pid == self.root else
+                    "starter" if pid in starters else
+                    "workers")
+            roles[role] += cpu
+        return roles
 
 
 def _idle_cpu_s() -> float:
@@ -159,6 +176,7 @@ def measure(url: str, workers: int, trials: int, cwd: Path, args: argparse.Names
     stdout, stderr = process.communicate()
     wall = time.perf_counter() - started
     hpo_cpu = tree.stop()
+    roles = tree.by_role()
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     pg_cpu, idle = _postgres_cpu_s() - pg_before, _idle_cpu_s() - idle_before
     if result.returncode != 0:
@@ -202,6 +220,10 @@ def measure(url: str, workers: int, trials: int, cwd: Path, args: argparse.Names
         "share_cpu": round(1 - train_cpu / (cores * wall), 4),
         "cpu_train_s": round(train_cpu, 1),
         "cpu_hpo_other_s": round(hpo_cpu - train_cpu, 1),
+        # ...of which the launcher's, the fork server's, and the workers' outside training
+        "cpu_launcher_s": round(roles["launcher"], 1),
+        "cpu_starter_s": round(roles["starter"], 1),
+        "cpu_workers_other_s": round(roles["workers"] - train_cpu, 1),
         "cpu_postgres_s": round(pg_cpu, 1),
         "cpu_idle_s": round(idle, 1),
         "cpu_rest_s": round(len(os.sched_getaffinity(0)) * wall - idle - pg_cpu - hpo_cpu, 1),
@@ -247,8 +269,8 @@ def main() -> None:
     )
     header = ("store", "preset", "workers", "cores", "trials", "epochs", "wall_s",
               "train_s_per_trial", "service_ms", "startup_s", "tail_s", "share_wall",
-              "share_cpu", "cpu_train_s", "cpu_hpo_other_s", "cpu_postgres_s", "cpu_idle_s",
-              "cpu_rest_s")  # fmt: skip
+              "share_cpu", "cpu_train_s", "cpu_hpo_other_s", "cpu_launcher_s", "cpu_starter_s",
+              "cpu_workers_other_s", "cpu_postgres_s", "cpu_idle_s", "cpu_rest_s")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -426,7 +427,13 @@ class _Worker:
                 else "",
                 time.time() - started,
             )
-        self._prune_checkpoints(checkpoint_dir)
+        if recorded and run.state != TrialState.COMPLETE and checkpoint_dir is not None:
+            # A pruned or failed trial ends its chain (only an interrupted or stale one is
+            # re-queued, and not here): its directory goes, and the ranking the other
+            # directories are kept by has not changed, so there is nothing else to prune.
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        else:
+            self._prune_checkpoints(checkpoint_dir)
         return False
 
     def _finish(self, trial: Any, state: Any, value: float | None, attrs: dict[str, Any]) -> bool:

@@ -141,6 +141,16 @@ def test_hyperband_prunes_a_deterministic_study(store_url, tmp_path):
         assert "pruned at epoch 1" in trial.user_attrs["pruned_reason"]
     for trial in complete:
         assert sorted(trial.intermediate_values) == [1, 2]
+    # Disk: a pruned trial leaves no checkpoint directory; the best complete ones (at most
+    # --keep-checkpoints, 3) keep their final checkpoint, the others are deleted.
+    directories = tmp_path / "runs" / "checkpoints" / name
+    for trial in pruned:
+        assert not (directories / f"trial-{trial.number}").exists()
+    best = sorted(complete, key=lambda t: t.value)
+    for trial in best[:3]:
+        assert Path(trial.user_attrs["checkpoint"]).is_file()
+    assert sorted(p.name for p in directories.iterdir()) == sorted(
+        f"trial-{t.number}" for t in best[:3])
 
 
 def _wait_for_running(url: str, name: str, n: int, proc: subprocess.Popen[str]) -> list[int]:
