@@ -4,7 +4,8 @@ and how long a dead worker's trial waits before it resumes.
 Everything runs on a private throwaway cluster (initdb in a temporary directory, a free port), so
 the server can be restarted without touching anyone else's. Faults, each in its own study:
 
-    worker-kill   kill -9 of a worker mid-trial (after >= 1 checkpointed epoch); its launcher
+    worker-kill   kill -9 of a worker mid-trial (after >= 1 checkpointed epoch: the kills run
+                  with --checkpoint-every 0, a save after every epoch); its launcher
                   lives, sees the exit status, re-queues the trial; a replacement resumes it
     node-loss     kill -9 of a whole node (driver and worker) mid-trial; the other node only
                   sees the heartbeat stop, and re-queues it after the grace period
@@ -77,7 +78,7 @@ def worker_kill(url: str, work: Path, space: str) -> dict:
     name, budget = f"kill-{secrets.token_hex(3)}", 4
     node = start_node(
         url, name, "--trials", str(budget), "--workers", "2", "--epochs", str(EPOCHS),
-        "--pruner", "none", "--space", space, cwd=work / name,
+        "--pruner", "none", "--space", space, "--checkpoint-every", "0", cwd=work / name,
     )  # fmt: skip
     reader = StoreReader(url, name)
     victim = reader.wait_for(mid_trial(1, EPOCHS - 2), timeout_s=600, nodes=[node], what="a trial")
@@ -96,7 +97,7 @@ def node_loss(url: str, work: Path, space: str) -> dict:
     name, budget = f"node-{secrets.token_hex(3)}", 4
     common = (
         "--trials", str(budget), "--workers", "1", "--epochs", str(EPOCHS), "--pruner", "none",
-        "--space", space, "--heartbeat-interval", str(HEARTBEAT_S),
+        "--space", space, "--heartbeat-interval", str(HEARTBEAT_S), "--checkpoint-every", "0",
         "--grace-period", str(GRACE_S), "--checkpoint-dir", str(work / name / "shared"),
     )  # fmt: skip
     node_b = start_node(url, name, *common, cwd=work / name / "b", host="node-b")
