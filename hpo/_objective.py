@@ -6,9 +6,9 @@ not depend on any searched loss weight: `composite` is the localization score of
 last epoch (the model it ends with; the cosine schedule makes that the intended end point).
 
 With a checkpoint directory, training saves its state (after every epoch, or at the interval the
-worker asks for, and after the last epoch) and resumes from what is
-there: a retried trial (a NEW trial with the same parameters) first reports the epochs of the
-checkpoint's history as its own intermediate values 1..k, then trains and reports k+1 onwards.
+worker asks for, and after the last epoch) and resumes from what is there: a retried trial (a NEW
+trial with the same parameters) first reports the epochs of the checkpoint's history as its own
+intermediate values 1..k, then trains and reports k+1 onwards.
 So every trial's intermediate values are one per epoch with no step twice, whether it resumed or
 not; `resumed_from_epoch` says how many came from the checkpoint.
 """

@@ -14,8 +14,8 @@ one transaction per group:
 
 The trial object's own view (`trial.params`, `trial.user_attrs`, the values the pruner reads) is
 updated as Optuna's methods would update it. With any other storage they fall back to Optuna's
-one-at-a-time methods. Optuna has no public batch write; the private pieces used are named here
-and nowhere else.
+one-at-a-time methods. Optuna has no public batch write; the private pieces these writes use are
+all in this module.
 """
 
 from __future__ import annotations
