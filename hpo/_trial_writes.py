@@ -143,11 +143,11 @@ def batched_params(trial: Any) -> Iterator[None]:
     """Inside the block, `trial.suggest_*` samples as usual and the trial's view holds the values
     at once; the parameters reach the store in one transaction when the block ends. If the block
     raises or the write fails, nothing is written and the trial forgets the values too."""
-    storage = trial.storage
     backend = _backend(trial)
-    if backend is None:
+    if backend is None:  # includes a FixedTrial, which has no storage at all
         yield
         return
+    storage = trial.storage
     deferred = _DeferredParams(storage)
 
     def forget() -> None:

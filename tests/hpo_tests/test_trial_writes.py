@@ -149,6 +149,15 @@ def test_the_writes_fall_back_to_optuna_on_other_storages():
     frozen = study.trials[0]
     assert (frozen.params, frozen.intermediate_values, frozen.user_attrs) == (
         {"x": x}, {1: 0.5}, {"a": 1})
+    # A FixedTrial (a config replayed without any store) suggests through it unchanged.
+    base = preset("quick")
+    fixed = optuna.trial.FixedTrial({"lr": 1e-3, "batch_size": 64})
+    space = default_space(base)
+    fixed_space = type(space)({k: v for k, v in space.params.items()
+                               if k in ("lr", "batch_size")})
+    with batched_params(fixed):
+        config = suggest_config(fixed, fixed_space, base)
+    assert (config.lr, config.batch_size) == (1e-3, 64)
 
 
 def _prune_epochs(name: str, epochs: int, eta: int, *, only_rungs: bool, seed: int) -> list:
