@@ -12,9 +12,10 @@ launcher disappears stops the same way, so no worker outlives its `hpo run`.
 
 Resuming: every trial trains in the checkpoint directory of its retry chain (checkpoint_dir/<study>/
 trial-<first number>), so a retry of a trial whose worker died continues after the last epoch
-that trial saved (it saves every `checkpoint_every_s` seconds of training and after its last epoch). The store may go away (a PostgreSQL restart): every store operation is retried
-with a bounded backoff (`reconnect_s` in all), and a trial whose store writes failed for good is
-left to its heartbeat, which lets another worker re-queue it.
+that trial saved (it saves every `checkpoint_every_s` seconds of training and after its last
+epoch). The store may go away (a PostgreSQL restart): every store operation is retried with a
+bounded backoff (`reconnect_s` in all), and a trial whose store writes failed for good is left to
+its heartbeat, which lets another worker re-queue it.
 
 Exit codes: 0 budget used up, 75 recycled after `max_trials` trials (50) (the launcher starts a fresh
 process: memory does not creep across hundreds of trials), 130 interrupted, 1 unexpected error.
@@ -232,7 +233,7 @@ class _Worker:
         import torch
 
         from hpo._search_space import SearchSpace
-        from hpo._study import RequeueStaleTrial, make_pruner, make_sampler
+        from hpo._study import RequeueStaleTrial, make_pruner, make_sampler, pruning_steps
         from pipeline import preset, replace, resolve_device
         from storage import Reconnect, open_storage, resolve_url
 
@@ -260,6 +261,8 @@ class _Worker:
             ),
             "loading the study",
         )
+        # The epochs after which the pruner can stop a trial: it is asked there only.
+        self.prune_steps = pruning_steps(spec.pruner, spec.epochs, spec.reduction_factor)
         self.base = replace(preset(spec.preset), epochs=spec.epochs)
         self.space = SearchSpace.from_dict(spec.space)
         self.device = resolve_device(spec.device)
@@ -320,7 +323,6 @@ class _Worker:
             ATTR_RETRY_COUNT,
             ETA_PRUNERS,
             fail_trial,
-            pruning_steps,
         )
         from hpo._trial_writes import batched_params
         from pipeline import config_to_dict
@@ -364,9 +366,7 @@ class _Worker:
                         trial, {ATTR_RESUMED_FROM: epoch}, "recording the resume"
                     ),
                     checkpoint_every_s=self.spec.checkpoint_every_s,
-                    prune_steps=pruning_steps(
-                        self.spec.pruner, self.spec.epochs, self.spec.reduction_factor
-                    ),
+                    prune_steps=self.prune_steps,
                 )
         except WorkerInterrupted as e:
             heartbeat.stop()
