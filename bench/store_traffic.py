@@ -7,10 +7,20 @@ and pruner. Counted from SQLAlchemy's events: statements sent, connection checko
 pre-ping round trip while pre-ping is on) and commits. Measured: the worker's CPU seconds outside
 training (its process CPU minus every trial's `train_cpu_s`: suggesting, claiming, attribute
 writes, reports, pruning questions, tells, checkpoints) and the PostgreSQL server's CPU seconds,
-both per trial. The 8-worker end-to-end share is bench/overhead.py's; this one says where it
-comes from and what a change to the store traffic saves.
+both per trial, and the worker's CPU by phase (claim, suggestion, attributes, epoch reports,
+pruning questions, the end and tell, the rest). The 8-worker end-to-end share is
+bench/overhead.py's; this one says where it comes from and what a change to the store traffic
+saves.
+
+A fresh study is not what a worker meets late in a 200-trial study with 8 workers: `--history N`
+first adds N finished trials shaped like hpo's (the preset's parameters drawn at random, per-epoch
+values and `history`, the same attributes, completed rungs; 35 % complete, the rest stopped at a
+rung), and `--others R` keeps R trials RUNNING beside the worker's, claimed and suggested as a
+worker does, one epoch reported, their heartbeats kept. The worker's own trials are then measured
+against that state.
 
     python bench/store_traffic.py [--trials 30] [--preset quick] [--pruner hyperband]
+                                  [--history 0] [--others 0]
                                   [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 """
 
@@ -18,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy
 from overhead import _postgres_cpu_s, postgres_store  # bench/overhead.py
@@ -41,6 +54,144 @@ def _kind(statement: str) -> str:
     return "other"
 
 
+class _Phases:
+    """CPU seconds of this process by phase; a phase inside another counts to the outer one."""
+
+    def __init__(self) -> None:
+        self.cpu: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        if self._depth:
+            yield
+            return
+        self._depth += 1
+        began = time.process_time()
+        try:
+            yield
+        finally:
+            self.cpu[name] += time.process_time() - began
+            self.calls[name] += 1
+            self._depth -= 1
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.span(name):
+                return fn(*args, **kwargs)
+        return timed
+
+    def wrap_context(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @contextlib.contextmanager
+        def timed(*args: Any, **kwargs: Any) -> Iterator[None]:
+            with self.span(name), fn(*args, **kwargs):
+                yield
+        return timed
+
+
+def _instrument(phases: _Phases) -> None:
+    """Time the worker's store operations where it looks them up (the worker imports most of them
+    inside its methods, so patching the modules' attributes reaches it)."""
+    import optuna
+
+    import hpo._objective
+    import hpo._study
+    import hpo._trial_writes
+    from hpo._worker import _Worker
+
+    hpo._study.claim_trial = phases.wrap("claim", hpo._study.claim_trial)
+    hpo._trial_writes.batched_params = phases.wrap_context(
+        "suggest", hpo._trial_writes.batched_params)
+    hpo._study.set_user_attrs = phases.wrap("start attributes", hpo._study.set_user_attrs)
+    hpo._objective.report_epoch = phases.wrap("epoch reports", hpo._objective.report_epoch)
+    optuna.trial.Trial.should_prune = phases.wrap(
+        "pruning questions", optuna.trial.Trial.should_prune)
+    _Worker._finish = phases.wrap("end attributes and tell", _Worker._finish)
+    _Worker._prune_checkpoints = phases.wrap("checkpoint pruning", _Worker._prune_checkpoints)
+
+
+def _seed_history(store: Any, study_name: str, space: Any, base: Any, n: int, epochs: int,
+                  steps: Any, seed: int) -> None:
+    """`n` finished trials shaped like a worker's (see the module docstring)."""
+    import random
+
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from hpo._search_space import suggest_config
+    from pipeline import config_to_dict
+
+    rng = random.Random(seed)
+    study = optuna.load_study(study_name=study_name, storage=store)
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    rungs = sorted(s for s in (steps or ()) if s < epochs)
+    for index in range(n):
+        drawn = scratch.ask()
+        config = suggest_config(drawn, space, base)
+        last = epochs if rng.random() < 0.35 else rng.choice(rungs or [epochs])
+        # Curves like quick's: 10-16 after epoch 1, falling to half to all of that by the end.
+        start = 10.0 + 6.0 * rng.random()
+        end = start * (0.5 + 0.5 * rng.random())
+        values = {e: start + (end - start) * (e - 1) / max(epochs - 1, 1)
+                  for e in range(1, last + 1)}
+        history = [{"epoch": e, "train_loss": rng.random(), "train_terms": {
+            k: rng.random() for k in ("cov", "k", "aux", "det", "gap")},
+            **{k: rng.random() for k in ("val_loss", "val_nmse", "k_accuracy",
+                                         "rmse_azimuth_deg", "rmse_elevation_deg",
+                                         "rmse_range_m", "success_rate")},
+            "composite": v, "lr": 1e-3, "seconds": 0.9} for e, v in values.items()]
+        now = time.time()
+        attrs = {
+            "worker_pid": 1000 + index % 8, "host": platform.node(), "pid_space": "bench",
+            "claimed_unix": now, "config": config_to_dict(config), "seed": config.seed,
+            "worker_index": index % 8, "started_unix": now, "pruner": "hyperband",
+            "reduction_factor": 3, "device": "cpu", "threads": 1, "retry_count": 0,
+            "checkpoint_dir": f"/tmp/checkpoints/{index}", "history": history,
+            "wall_time_s": 4.0, "train_time_s": 3.5, "service_time_s": 0.1,
+            "train_cpu_s": 3.4, "metrics": history[-1],
+        }
+        complete = last == epochs
+        attrs["checkpoint" if complete else "pruned_reason"] = (
+            f"/tmp/checkpoints/{index}/final.pt" if complete else f"pruned at epoch {last}")
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE if complete else TrialState.PRUNED,
+            value=values[last], params=drawn.params, distributions=drawn.distributions,
+            user_attrs=attrs, intermediate_values=values,
+            system_attrs={f"completed_rung_{k}": values[s]
+                          for k, s in enumerate(rungs) if s <= last},
+        ))
+
+
+def _start_others(store: Any, spec: Any, space: Any, base: Any, r: int) -> list[Any]:
+    """`r` trials claimed, suggested and one epoch into training, as other workers leave them;
+    their heartbeats go on until the returned beats are stopped."""
+    import optuna
+
+    from hpo._search_space import suggest_config
+    from hpo._study import claim_trial, make_pruner, make_sampler, set_user_attrs
+    from hpo._trial_writes import batched_params, report_epoch
+    from hpo._worker import _Heartbeat
+    from pipeline import config_to_dict
+
+    study = optuna.load_study(
+        study_name=spec.study, storage=store,
+        sampler=make_sampler(spec.sampler, spec.sampler_seed + 1),
+        pruner=make_pruner(spec.pruner, spec.epochs, spec.reduction_factor))
+    beats = []
+    for index in range(r):
+        trial = claim_trial(study, spec.budget)
+        with batched_params(trial):
+            config = suggest_config(trial, space, base)
+        set_user_attrs(trial, {"config": config_to_dict(config), "seed": config.seed,
+                               "worker_index": index + 1, "started_unix": time.time(),
+                               "pruner": spec.pruner, "device": "cpu", "threads": 1,
+                               "retry_count": 0})
+        report_epoch(trial, 10.0, 1, {"history": [{"epoch": 1, "composite": 10.0}]})
+        beats.append(_Heartbeat(store, trial._trial_id, spec.heartbeat_interval_s))
+    return beats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=30)
@@ -48,6 +199,10 @@ def main() -> None:
     parser.add_argument("--pruner", default="hyperband")
     parser.add_argument("--sampler", default="tpe")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--history", type=int, default=0,
+                        help="finished trials in the study before the worker starts")
+    parser.add_argument("--others", type=int, default=0,
+                        help="trials kept RUNNING beside the worker's (other workers' claims)")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
 
@@ -60,6 +215,7 @@ def main() -> None:
         RequeueStaleTrial,
         StudySettings,
         create_or_load_study,
+        pruning_steps,
     )
     from hpo._worker import WorkerSpec, _Signals, _Worker
     from pipeline import preset
@@ -87,23 +243,33 @@ def main() -> None:
         store = open_storage(url, stale_trial_callback=RequeueStaleTrial())
         settings = StudySettings(preset=args.preset, objective=objective,
                                  direction=OBJECTIVES[objective], epochs=base.epochs)
-        create_or_load_study(store, "traffic", settings, budget=args.trials,
-                             space=space.to_dict())
+        budget = args.history + args.others + args.trials
+        create_or_load_study(store, "traffic", settings, budget=budget, space=space.to_dict())
+        _seed_history(store, "traffic", space, base, args.history, base.epochs,
+                      pruning_steps(args.pruner, base.epochs), args.seed)
         spec = WorkerSpec(
-            study="traffic", budget=args.trials, preset=args.preset, epochs=base.epochs,
+            study="traffic", budget=budget, preset=args.preset, epochs=base.epochs,
             objective=objective, pruner=args.pruner, sampler=args.sampler,
             sampler_seed=args.seed, space=space.to_dict(), device="cpu", threads=1, index=0,
             parent_pid=os.getpid(), checkpoint_dir=str(Path(tmp) / "checkpoints"),
             reduction_factor=REDUCTION_FACTOR,
         )
+        beats = _start_others(store, spec, space, base, args.others)
+        mine_from = args.history + args.others  # the worker's trials are numbered from here
+        phases = _Phases()
+        _instrument(phases)
         worker = _Worker(spec, _Signals())
+        # Warm its cache of finished trials, as a worker that saw the study fill up has it.
+        worker.study.get_trials(deepcopy=False)
         counts.clear()
         pg_before, cpu_before, began = _postgres_cpu_s(), time.process_time(), time.perf_counter()
         worker.loop()
         wall = time.perf_counter() - began
         cpu = time.process_time() - cpu_before
         pg = _postgres_cpu_s() - pg_before
-        trials = worker.study.get_trials(deepcopy=False)
+        for beat in beats:
+            beat.stop()
+        trials = [t for t in worker.study.get_trials(deepcopy=False) if t.number >= mine_from]
         epochs = sum(len(t.intermediate_values) for t in trials)
         train_cpu = sum(t.user_attrs.get("train_cpu_s", 0.0) for t in trials)
         states = collections.Counter(t.state.name for t in trials)
@@ -122,6 +288,15 @@ def main() -> None:
         "worker_cpu_outside_training_ms_per_trial": round(1000 * (cpu - train_cpu) / n, 1),
         "postgres_cpu_ms_per_trial": round(1000 * pg / n, 1),
         "training_cpu_s_per_trial": round(train_cpu / n, 2),
+        "history": args.history,
+        "others_running": args.others,
+        "worker_cpu_ms_per_trial_by_phase": {
+            **{name: round(1000 * phases.cpu[name] / n, 1) for name in sorted(phases.cpu)},
+            "the rest (checkpoints, set-up, logging)": round(
+                1000 * (cpu - train_cpu - sum(phases.cpu.values())) / n, 1),
+        },
+        "phase_calls_per_trial": {name: round(phases.calls[name] / n, 2)
+                                  for name in sorted(phases.calls)},
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "optuna": optuna.__version__,
     }
