@@ -201,3 +201,19 @@ def test_workers_start_as_fresh_interpreters_when_the_fork_server_fails(tmp_path
     assert result.counts.complete == 1 and not result.worker_deaths
     assert "cannot fork a worker (fork server gone)" in out.getvalue()
     assert launcher.start_method == "exec"
+
+
+def test_worker_spec_defaults_are_the_constants_they_name():
+    # _worker.py keeps literal defaults so that importing it stays free of optuna and storage;
+    # each must still be the value of the constant it stands for.
+    import dataclasses
+
+    import storage
+    from hpo._study import REDUCTION_FACTOR
+    from hpo._worker import WorkerSpec
+
+    defaults = {f.name: f.default for f in dataclasses.fields(WorkerSpec)}
+    assert defaults["reduction_factor"] == REDUCTION_FACTOR
+    assert defaults["heartbeat_interval_s"] == storage.HEARTBEAT_INTERVAL_S
+    assert defaults["grace_period_s"] == storage.GRACE_PERIOD_S
+    assert defaults["reconnect_s"] == storage.RECONNECT_S
