@@ -3,6 +3,8 @@
 # lent a GPU. Writes its log and JSON lines to ${OUT:-bench-gpu-out}/ and prints a summary.
 #
 #   bash bench/gpu.sh            # needs a CUDA build of torch and `pip install -e .`
+#   SMOKE=1 bash bench/gpu.sh    # every step on the CPU at toy sizes (smoke preset, 2 trials):
+#                                # checks the script itself before a GPU's minutes are spent on it
 #
 # 1. generation: 10,000 full-preset scenes on the device (target < 1 s)
 # 2. training throughput, full preset (scenes/s) and validation
@@ -16,23 +18,35 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-gpu-out}
 WORKERS_PER_GPU=${WORKERS_PER_GPU:-4}
 TRIALS=${TRIALS:-40}
+if [ "${SMOKE:-0}" = 1 ]; then
+    DEVICE=cpu PRESET=smoke TRIALS=2 GEN_SCENES=256 TT_STEPS=2 TT_REPEATS=1 LOC_SCENES=8 LOC_TIMED=2
+    WORKERS=(--workers 2)
+else
+    DEVICE=cuda PRESET=full GEN_SCENES=10000 TT_STEPS=20 TT_REPEATS=5 LOC_SCENES=500 LOC_TIMED=50
+    WORKERS=(--workers-per-gpu "$WORKERS_PER_GPU")
+fi
 mkdir -p "$OUT"
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/device.txt"
+OUT=$(cd "$OUT" && pwd)  # absolute: step 6 runs inside it
+if [ "$DEVICE" = cuda ]; then
+    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/device.txt"
+else
+    python -c "import torch; print('cpu (SMOKE: toy sizes, figures mean nothing)', torch.__version__)" | tee "$OUT/device.txt"
+fi
 
 step() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
 
 step "1. generation"
-python bench/generation.py --device cuda --scenes 10000 | tee "$OUT/generation.jsonl"
+python bench/generation.py --device "$DEVICE" --preset "$PRESET" --scenes "$GEN_SCENES" | tee "$OUT/generation.jsonl"
 step "2. training throughput"
-python bench/train_throughput.py --device cuda --presets full quick --steps 20 --repeats 5 | tee "$OUT/train_throughput.jsonl"
-step "3. trial profile (full)"
-python bench/trial_profile.py --device cuda --preset full --threads 4 | tee "$OUT/trial_profile.txt"
+python bench/train_throughput.py --device "$DEVICE" --presets "$PRESET" quick --steps "$TT_STEPS" --repeats "$TT_REPEATS" | tee "$OUT/train_throughput.jsonl"
+step "3. trial profile ($PRESET)"
+python bench/trial_profile.py --device "$DEVICE" --preset "$PRESET" --threads 4 | tee "$OUT/trial_profile.txt"
 step "4. localize one scene"
-python bench/localize.py --device cuda --preset full --scenes 500 --timed 50 | tee "$OUT/localize.jsonl"
-step "5. one full trial"
+python bench/localize.py --device "$DEVICE" --preset "$PRESET" --scenes "$LOC_SCENES" --timed "$LOC_TIMED" | tee "$OUT/localize.jsonl"
+step "5. one $PRESET trial"
 start=$(date +%s.%N)
-hpo train --preset full --device cuda --out "$OUT/full-trial" --json > "$OUT/full-trial.json"
+hpo train --preset "$PRESET" --device "$DEVICE" --out "$OUT/full-trial" --json > "$OUT/full-trial.json"
 end=$(date +%s.%N)
 python - "$start" "$end" "$OUT/full-trial.json" <<'PY' | tee "$OUT/full-trial-summary.json"
 import json, sys
@@ -44,15 +58,21 @@ print(json.dumps({"command_wall_s_incl_startup_and_references": round(end - star
                   "trial_s": round(sum(e["seconds"] for e in epochs), 2),
                   "target_s": 10}))
 PY
-step "6. hpo run on the GPU ($TRIALS trials, $WORKERS_PER_GPU workers)"
+step "6. hpo run on $DEVICE ($TRIALS trials, ${WORKERS[*]})"
 rm -f "$OUT/gpu-util.csv" "$OUT/study.db"
-nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > "$OUT/gpu-util.csv" &
-SMI=$!
+SMI=
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > "$OUT/gpu-util.csv" &
+    SMI=$!
+else
+    : > "$OUT/gpu-util.csv"
+fi
 start=$(date +%s.%N)
-hpo run --trials "$TRIALS" --preset full --workers-per-gpu "$WORKERS_PER_GPU" \
-    --storage "sqlite:///$OUT/study.db" --study gpu-bench --quiet | tee "$OUT/run.txt"
+# inside $OUT: the study's worker logs and checkpoints (runs/) land there too
+(cd "$OUT" && hpo run --trials "$TRIALS" --preset "$PRESET" "${WORKERS[@]}" --device "$DEVICE" \
+    --storage "sqlite:///$OUT/study.db" --study gpu-bench --quiet) | tee "$OUT/run.txt"
 end=$(date +%s.%N)
-kill $SMI || true
+[ -n "$SMI" ] && kill "$SMI" || true
 python - "$start" "$end" "$OUT/gpu-util.csv" "$TRIALS" <<'PY' | tee "$OUT/run-summary.json"
 import json, statistics, sys
 start, end, path, trials = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
