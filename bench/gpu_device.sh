@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (the device tool's `run`, in this repository's root): install the wheels
+# fetched by bench/gpu_wheels.sh and this package into /tmp/site, run bench/gpu.sh, and leave
+# its results under $OUT as the device tool can return them (few files, shallow): gpu.log and
+# gpu-out.tgz (every JSON and table of bench/gpu.sh, checkpoints left out).
+#
+#   here:   bash bench/gpu_wheels.sh
+#   device: run(command="bash bench/gpu_device.sh", carry=[".whl"], timeout_s=600)
+#
+# SMOKE=1 is passed on to bench/gpu.sh (toy sizes on the CPU): with a venv that has only what the
+# device image has, it checks this script and the wheel list before a GPU's minutes go to them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/site}
+RESULTS=${OUT:-gpu-device-out}  # the device tool's $OUT, else a local folder
+mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
+PY=$(command -v python3)
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$WHEELS"/*.whl
+BUILD=$(mktemp -d)  # build from a copy: setuptools leaves build/ and *.egg-info behind
+tar cf - --exclude=./.git --exclude=./.whl --exclude=./runs . | tar xf - -C "$BUILD"
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+    --target "$SITE" "$BUILD"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# bench/gpu.sh calls `python` and `hpo`; the image may have only python3.
+SHIM=$(mktemp -d)
+ln -s "$PY" "$SHIM/python"
+export PATH="$SHIM:$SITE/bin:$PATH"
+"$PY" -c "import torch, optuna, sqlalchemy, hpo; print('torch', torch.__version__, 'optuna', optuna.__version__, 'sqlalchemy', sqlalchemy.__version__)"
+WORK=$(mktemp -d)
+status=0
+OUT="$WORK" PYTHONUNBUFFERED=1 bash bench/gpu.sh 2>&1 | tee "$RESULTS/gpu.log" || status=$?
+tar czf "$RESULTS/gpu-out.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.db' --exclude='*.lock' .
+echo "results: $RESULTS/gpu.log, $RESULTS/gpu-out.tgz (exit $status)"
+exit "$status"
