@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (the device tool's `run`, in this repository's root): install the wheels
 # fetched by bench/gpu_wheels.sh and this package into /tmp/site, run bench/gpu.sh, and leave
-# its results under $OUT as the device tool can return them (few files, shallow): gpu.log and
-# gpu-out.tgz (every JSON and table of bench/gpu.sh, checkpoints left out).
+# its results under $OUT as the device tool can return them (few files, shallow): gpu-tests.log
+# (tests/pipeline_tests/test_cuda.py), gpu.log and gpu-out.tgz (every JSON and table of
+# bench/gpu.sh, checkpoints left out).
 #
 #   here:   bash bench/gpu_wheels.sh
 #   device: run(command="bash bench/gpu_device.sh", carry=[".whl"], timeout_s=600)
@@ -31,7 +32,11 @@ export PATH="$SHIM:$SITE/bin:$PATH"
 "$PY" -c "import torch, optuna, sqlalchemy, hpo; print('torch', torch.__version__, 'optuna', optuna.__version__, 'sqlalchemy', sqlalchemy.__version__)"
 WORK=$(mktemp -d)
 status=0
+# The CUDA tests first (skipped on a machine without CUDA): the device path computes what the CPU's
+# does. Their result is logged; the benchmarks run either way.
+"$PY" -m pytest -q -p no:cacheprovider tests/pipeline_tests/test_cuda.py 2>&1 \
+    | tee "$RESULTS/gpu-tests.log" || status=$?
 OUT="$WORK" PYTHONUNBUFFERED=1 bash bench/gpu.sh 2>&1 | tee "$RESULTS/gpu.log" || status=$?
 tar czf "$RESULTS/gpu-out.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.db' --exclude='*.lock' .
-echo "results: $RESULTS/gpu.log, $RESULTS/gpu-out.tgz (exit $status)"
+echo "results: $RESULTS/gpu-tests.log, $RESULTS/gpu.log, $RESULTS/gpu-out.tgz (exit $status)"
 exit "$status"
