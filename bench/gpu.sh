@@ -62,8 +62,11 @@ step "6. hpo run on $DEVICE ($TRIALS trials, ${WORKERS[*]})"
 rm -f "$OUT/gpu-util.csv" "$OUT/study.db"
 SMI=
 if [ "$DEVICE" = cuda ]; then
-    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > "$OUT/gpu-util.csv" &
+    # Its stderr must not hold a caller's pipe open: if step 6 fails, the trap still stops it.
+    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 \
+        > "$OUT/gpu-util.csv" 2>/dev/null &
     SMI=$!
+    trap '[ -n "$SMI" ] && kill "$SMI" 2>/dev/null' EXIT
 else
     : > "$OUT/gpu-util.csv"
 fi
@@ -72,7 +75,7 @@ start=$(date +%s.%N)
 (cd "$OUT" && hpo run --trials "$TRIALS" --preset "$PRESET" "${WORKERS[@]}" --device "$DEVICE" \
     --storage "sqlite:///$OUT/study.db" --study gpu-bench --quiet) | tee "$OUT/run.txt"
 end=$(date +%s.%N)
-[ -n "$SMI" ] && kill "$SMI" || true
+if [ -n "$SMI" ]; then kill "$SMI" 2>/dev/null || true; SMI=; fi
 python - "$start" "$end" "$OUT/gpu-util.csv" "$TRIALS" <<'PY' | tee "$OUT/run-summary.json"
 import json, statistics, sys
 start, end, path, trials = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])

@@ -25,9 +25,11 @@ tar cf - --exclude=./.git --exclude=./.whl --exclude=./runs . | tar xf - -C "$BU
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
     --target "$SITE" "$BUILD"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-# bench/gpu.sh calls `python` and `hpo`; the image may have only python3.
+# bench/gpu.sh calls `python` and `hpo`; the image may have only python3. A script, not a link: a
+# link to a venv's python outside its bin/ runs the base interpreter, without the venv's packages.
 SHIM=$(mktemp -d)
-ln -s "$PY" "$SHIM/python"
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" > "$SHIM/python"
+chmod +x "$SHIM/python"
 export PATH="$SHIM:$SITE/bin:$PATH"
 "$PY" -c "import torch, optuna, sqlalchemy, hpo; print('torch', torch.__version__, 'optuna', optuna.__version__, 'sqlalchemy', sqlalchemy.__version__)"
 WORK=$(mktemp -d)
@@ -37,6 +39,7 @@ status=0
 "$PY" -m pytest -q -p no:cacheprovider tests/pipeline_tests/test_cuda.py 2>&1 \
     | tee "$RESULTS/gpu-tests.log" || status=$?
 OUT="$WORK" PYTHONUNBUFFERED=1 bash bench/gpu.sh 2>&1 | tee "$RESULTS/gpu.log" || status=$?
-tar czf "$RESULTS/gpu-out.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.db' --exclude='*.lock' .
+tar czf "$RESULTS/gpu-out.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.db' --exclude='*.lock' . \
+    || status=$?
 echo "results: $RESULTS/gpu-tests.log, $RESULTS/gpu.log, $RESULTS/gpu-out.tgz (exit $status)"
 exit "$status"

@@ -6,12 +6,13 @@
 # typer imports. Versions: the ones installed here, so the device runs what the tests ran.
 # Python 3.12 is the device image's.
 #
-#   bash bench/gpu_wheels.sh [DIR]          # default .whl/ (git-ignored); then name it in `carry`
+#   bash bench/gpu_wheels.sh [DIR]   # DIR relative to the repository root; default .whl/ (git-
+#                                    # ignored), the folder to name in the device run's `carry`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-.whl}
 PY=${DEVICE_PYTHON:-3.12}
-rm -rf "$DIR" && mkdir -p "$DIR"
+mkdir -p "$DIR" && rm -f "$DIR"/*.whl  # only the wheels: DIR may be a folder of the caller's
 pins=$(python - <<'PY'
 from importlib.metadata import version
 print(" ".join(f"{name}=={version(name)}"

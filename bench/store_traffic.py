@@ -16,8 +16,8 @@ A fresh study is not what a worker meets late in a 200-trial study with 8 worker
 first adds N finished trials shaped like hpo's (the preset's parameters drawn at random, per-epoch
 values and `history`, the same attributes, completed rungs; 35 % complete, the rest stopped at a
 rung), and `--others R` keeps R trials RUNNING beside the worker's, claimed and suggested as a
-worker does, one epoch reported, their heartbeats kept. The worker's own trials are then measured
-against that state.
+worker does, one epoch reported, their heartbeats kept (by a child process, not counted in this
+one's CPU or statements). The worker's own trials are then measured against that state.
 
     python bench/store_traffic.py [--trials 30] [--preset quick] [--pruner hyperband]
                                   [--history 0] [--others 0]
@@ -112,20 +112,24 @@ def _instrument(phases: _Phases) -> None:
 
 
 def _seed_history(store: Any, study_name: str, space: Any, base: Any, n: int, epochs: int,
-                  steps: Any, seed: int) -> None:
-    """`n` finished trials shaped like a worker's (see the module docstring)."""
+                  pruner: str, eta: int, seed: int) -> None:
+    """`n` finished trials shaped like a worker's (see the module docstring). A stopped trial
+    stopped at one of the pruner's rung epochs, and has `completed_rung_k` for the k-th of them
+    it reached: Hyperband's brackets would start some trials' rungs later, so the values the
+    worker's trials compete with are this study's, not a real one's."""
     import random
 
     import optuna
     from optuna.trial import TrialState, create_trial
 
     from hpo._search_space import suggest_config
+    from hpo._study import pruning_steps
     from pipeline import config_to_dict
 
     rng = random.Random(seed)
     study = optuna.load_study(study_name=study_name, storage=store)
     scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    rungs = sorted(s for s in (steps or ()) if s < epochs)
+    rungs = sorted(s for s in (pruning_steps(pruner, epochs, eta) or ()) if s < epochs)
     for index in range(n):
         drawn = scratch.ask()
         config = suggest_config(drawn, space, base)
@@ -145,8 +149,8 @@ def _seed_history(store: Any, study_name: str, space: Any, base: Any, n: int, ep
         attrs = {
             "worker_pid": 1000 + index % 8, "host": platform.node(), "pid_space": "bench",
             "claimed_unix": now, "config": config_to_dict(config), "seed": config.seed,
-            "worker_index": index % 8, "started_unix": now, "pruner": "hyperband",
-            "reduction_factor": 3, "device": "cpu", "threads": 1, "retry_count": 0,
+            "worker_index": index % 8, "started_unix": now, "pruner": pruner,
+            "reduction_factor": eta, "device": "cpu", "threads": 1, "retry_count": 0,
             "checkpoint_dir": f"/tmp/checkpoints/{index}", "history": history,
             "wall_time_s": 4.0, "train_time_s": 3.5, "service_time_s": 0.1,
             "train_cpu_s": 3.4, "metrics": history[-1],
@@ -163,22 +167,36 @@ def _seed_history(store: Any, study_name: str, space: Any, base: Any, n: int, ep
         ))
 
 
-def _start_others(store: Any, spec: Any, space: Any, base: Any, r: int) -> list[Any]:
-    """`r` trials claimed, suggested and one epoch into training, as other workers leave them;
-    their heartbeats go on until the returned beats are stopped."""
+def _beat(url: str, trial_ids: list[int], interval_s: float) -> None:
+    """Another process's heartbeats for `trial_ids`, until it is terminated."""
+    from storage import open_storage
+
+    store = open_storage(url)
+    while True:
+        time.sleep(interval_s)
+        for trial_id in trial_ids:
+            store.record_heartbeat(trial_id)
+
+
+def _start_others(store: Any, url: str, spec: Any, space: Any, base: Any,
+                  r: int) -> Any:
+    """`r` trials claimed, suggested and one epoch into training, as other workers leave them.
+    Their heartbeats go on in a child process (the returned one, to terminate), so that neither
+    this process's CPU nor its statement counts include them."""
+    import multiprocessing
+
     import optuna
 
     from hpo._search_space import suggest_config
     from hpo._study import claim_trial, make_pruner, make_sampler, set_user_attrs
     from hpo._trial_writes import batched_params, report_epoch
-    from hpo._worker import _Heartbeat
     from pipeline import config_to_dict
 
     study = optuna.load_study(
         study_name=spec.study, storage=store,
         sampler=make_sampler(spec.sampler, spec.sampler_seed + 1),
         pruner=make_pruner(spec.pruner, spec.epochs, spec.reduction_factor))
-    beats = []
+    trial_ids = []
     for index in range(r):
         trial = claim_trial(study, spec.budget)
         with batched_params(trial):
@@ -188,8 +206,11 @@ def _start_others(store: Any, spec: Any, space: Any, base: Any, r: int) -> list[
                                "pruner": spec.pruner, "device": "cpu", "threads": 1,
                                "retry_count": 0})
         report_epoch(trial, 10.0, 1, {"history": [{"epoch": 1, "composite": 10.0}]})
-        beats.append(_Heartbeat(store, trial._trial_id, spec.heartbeat_interval_s))
-    return beats
+        trial_ids.append(trial._trial_id)
+    beating = multiprocessing.get_context("spawn").Process(
+        target=_beat, args=(url, trial_ids, spec.heartbeat_interval_s), daemon=True)
+    beating.start()
+    return beating
 
 
 def main() -> None:
@@ -215,7 +236,6 @@ def main() -> None:
         RequeueStaleTrial,
         StudySettings,
         create_or_load_study,
-        pruning_steps,
     )
     from hpo._worker import WorkerSpec, _Signals, _Worker
     from pipeline import preset
@@ -245,8 +265,8 @@ def main() -> None:
                                  direction=OBJECTIVES[objective], epochs=base.epochs)
         budget = args.history + args.others + args.trials
         create_or_load_study(store, "traffic", settings, budget=budget, space=space.to_dict())
-        _seed_history(store, "traffic", space, base, args.history, base.epochs,
-                      pruning_steps(args.pruner, base.epochs), args.seed)
+        _seed_history(store, "traffic", space, base, args.history, base.epochs, args.pruner,
+                      REDUCTION_FACTOR, args.seed)
         spec = WorkerSpec(
             study="traffic", budget=budget, preset=args.preset, epochs=base.epochs,
             objective=objective, pruner=args.pruner, sampler=args.sampler,
@@ -254,7 +274,7 @@ def main() -> None:
             parent_pid=os.getpid(), checkpoint_dir=str(Path(tmp) / "checkpoints"),
             reduction_factor=REDUCTION_FACTOR,
         )
-        beats = _start_others(store, spec, space, base, args.others)
+        beating = _start_others(store, url, spec, space, base, args.others)
         mine_from = args.history + args.others  # the worker's trials are numbered from here
         phases = _Phases()
         _instrument(phases)
@@ -267,8 +287,8 @@ def main() -> None:
         wall = time.perf_counter() - began
         cpu = time.process_time() - cpu_before
         pg = _postgres_cpu_s() - pg_before
-        for beat in beats:
-            beat.stop()
+        beating.terminate()
+        beating.join()
         trials = [t for t in worker.study.get_trials(deepcopy=False) if t.number >= mine_from]
         epochs = sum(len(t.intermediate_values) for t in trials)
         train_cpu = sum(t.user_attrs.get("train_cpu_s", 0.0) for t in trials)
@@ -279,8 +299,8 @@ def main() -> None:
         "states": dict(states),
         "epochs": epochs,
         "wall_s": round(wall, 1),
-        "statements_per_trial": round(sum(counts[k] for k in
-                                          ("SELECT", "INSERT", "UPDATE", "DELETE", "other")) / n, 1),
+        "statements_per_trial": round(
+            sum(counts[k] for k in ("SELECT", "INSERT", "UPDATE", "DELETE", "other")) / n, 1),
         **{f"{k.lower()}_per_trial": round(counts[k] / n, 1)
            for k in ("SELECT", "INSERT", "UPDATE", "DELETE")},
         "commits_per_trial": round(counts["commits"] / n, 1),

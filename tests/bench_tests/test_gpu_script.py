@@ -23,8 +23,10 @@ def test_every_step_of_the_gpu_script_runs_in_smoke_mode(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, cwd=tmp_path, check=False,
-                          capture_output=True, text=True, timeout=600)
+    logs = ROOT / "runs" / "hpo-gpu-bench"  # where step 6's logs went before it ran inside OUT
+    there_before = logs.exists()
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, cwd=tmp_path,
+                          check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     generation = _json_lines(out / "generation.jsonl")
@@ -39,4 +41,5 @@ def test_every_step_of_the_gpu_script_runs_in_smoke_mode(tmp_path):
     assert "2/2 finished" in (out / "run.txt").read_text()
     # everything the study wrote stays under OUT, nothing in the checkout or the caller's cwd
     assert (out / "runs" / "hpo-gpu-bench").is_dir()
+    assert logs.exists() == there_before
     assert not (tmp_path / "runs").exists()
