@@ -18,6 +18,11 @@ RESULTS=${OUT:-gpu-device-out}  # the device tool's $OUT, else a local folder
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 PY=$(command -v python3)
+if ! compgen -G "$WHEELS/*.whl" > /dev/null; then
+    echo "error: no wheels in $WHEELS/: run 'bash bench/gpu_wheels.sh' here first, and name" \
+         "$WHEELS in the device run's carry" >&2
+    exit 2
+fi
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" "$WHEELS"/*.whl
 BUILD=$(mktemp -d)  # build from a copy: setuptools leaves build/ and *.egg-info behind
