@@ -285,10 +285,6 @@ def count_trials(trials: Sequence[FrozenTrial]) -> StudyCounts:
     )
 
 
-def study_counts(study: optuna.Study) -> StudyCounts:
-    return count_trials(study.get_trials(deepcopy=False))
-
-
 def claim_trial(study: optuna.Study, budget: int) -> optuna.Trial | None:
     """A new RUNNING trial if the study has fewer than `budget` trials used, else None.
 

@@ -30,7 +30,6 @@ from hpo._study import (
     make_pruner,
     prune_checkpoints,
     set_user_attrs,
-    study_counts,
 )
 from storage import open_storage, store_lock
 
@@ -84,7 +83,7 @@ def test_interrupted_trials_are_requeued_with_their_params_and_leave_the_budget(
     first = claim_trial(study, 3)
     x = first.suggest_float("x", 0.0, 1.0)
     assert fail_trial(study, first._trial_id, "interrupted by SIGINT", requeue=True)
-    counts = study_counts(study)
+    counts = count_trials(study.get_trials(deepcopy=False))
     assert (counts.finished, counts.requeued, counts.waiting, counts.used) == (0, 1, 1, 0)
     retry = claim_trial(study, 3)
     assert retry.suggest_float("x", 0.0, 1.0) == x  # the same parameters again
@@ -95,7 +94,7 @@ def test_interrupted_trials_are_requeued_with_their_params_and_leave_the_budget(
         trial.suggest_float("x", 0.0, 1.0)
         study.tell(trial, state=TrialState.FAIL)  # a failure of the trial itself counts
     assert claim_trial(study, 3) is None
-    counts = study_counts(study)
+    counts = count_trials(study.get_trials(deepcopy=False))
     assert (counts.complete, counts.failed, counts.requeued, counts.finished) == (1, 2, 1, 3)
     failed = study.get_trials(states=(TrialState.FAIL,))[0]
     assert failed.user_attrs["fail_reason"] == "interrupted by SIGINT"
@@ -126,7 +125,7 @@ def test_a_voided_claim_counts_nowhere_and_gives_its_retry_back(tmp_path):
     assert fail_trial(study, first._trial_id, "interrupted", requeue=True)
     retry = claim_trial(study, 2)  # takes the queued retry...
     _void(study, retry._trial_id, "claim not confirmed: LockLostError")  # ...and loses its lock
-    counts = study_counts(study)
+    counts = count_trials(study.get_trials(deepcopy=False))
     assert (counts.finished, counts.void, counts.waiting, counts.running) == (0, 1, 1, 0)
     again = claim_trial(study, 2)
     assert again.user_attrs["retry_of"] == first.number and again.params == first.params
