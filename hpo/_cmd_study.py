@@ -8,6 +8,7 @@ study's settings. Each failure is one line on stderr and exit code 2; no half-ma
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -65,6 +66,17 @@ def run(
     preset: Annotated[
         str, typer.Option("--preset", "-p", help="Base config: smoke, quick, medium or full.")
     ] = "quick",
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            help="Start no trial after this many seconds; the trials running then finish and "
+            "are recorded, and the command exits 0 with the budget not yet used up (run it "
+            "again to go on) [default: no limit].",
+            show_default=False,
+        ),
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Epochs per trial [default: the preset's].")
     ] = None,
@@ -205,6 +217,8 @@ def run(
         fail(f"--trials must be >= 1, but got {trials}", EXIT_USAGE)
     if epochs is not None and epochs < 1:
         fail(f"--epochs must be >= 1, but got {epochs}", EXIT_USAGE)
+    if timeout is not None and not 0 < timeout < math.inf:  # also refuses nan
+        fail(f"--timeout must be a number of seconds > 0, but got {timeout:g}", EXIT_USAGE)
     if not checkpoint_every >= 0:  # also refuses nan
         fail(f"--checkpoint-every must be >= 0 seconds, but got {checkpoint_every}", EXIT_USAGE)
     if keep_checkpoints < 0:
@@ -280,8 +294,9 @@ def run(
         judged_by = f"{pruner} pruner" + (f" (eta {eta})" if pruner in ETA_PRUNERS else "")
         typer.echo(
             f"study {name!r} in {location.describe()}: {before.finished}/{trials} finished; "
-            f"{where}; {sampler} sampler, {judged_by}; worker logs in {log_dir}/; "
-            f"checkpoints in {checkpoints}/",
+            f"{where}; {sampler} sampler, {judged_by}; "
+            + (f"no trial starts after {timeout:g} s; " if timeout is not None else "")
+            + f"worker logs in {log_dir}/; checkpoints in {checkpoints}/",
             err=True,
         )
     spec = WorkerSpec(
@@ -316,6 +331,7 @@ def run(
         quiet=quiet,
         direction=settings.direction,
         method=method,
+        timeout_s=timeout,
     )
     try:
         result = launcher.run()
@@ -337,7 +353,13 @@ def run(
     if result.gave_up:
         typer.echo(f"error: stopped early: {result.gave_up}", err=True)
         raise typer.Exit(code=EXIT_INCOMPLETE)
-    if counts.finished < trials:
+    if result.timed_out:
+        typer.echo(
+            f"time limit of {timeout:g} s reached: no trial was started after it; run the same "
+            "command again to finish the budget",
+            err=True,
+        )
+    if counts.finished < trials and counts.running:
         typer.echo(
             f"note: {counts.running} trial(s) are still running in other processes", err=True
         )

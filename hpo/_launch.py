@@ -17,6 +17,10 @@ finished trials: when its workers see the budget taken but trials of other nodes
 running, it waits, and every heartbeat interval fails and re-queues trials whose heartbeat stopped
 (a node that vanished), then starts workers again for them. Store reads and writes are retried
 while the store is away (a PostgreSQL restart), for `reconnect_s` at most.
+
+With a time limit (`timeout_s`, `hpo run --timeout`) no trial starts once it has passed: each
+worker finishes and records the trial it is running, then exits; the launcher replaces no worker
+after it and stops as soon as its own workers are gone, without waiting for other nodes.
 """
 
 from __future__ import annotations
@@ -233,6 +237,7 @@ class LaunchResult:
     elapsed_s: float
     interrupted: bool = False
     gave_up: str | None = None  # why the launcher stopped before the budget was used up
+    timed_out: bool = False  # stopped at the time limit (`timeout_s`) before the budget
     best: optuna.trial.FrozenTrial | None = None
     worker_deaths: list[str] = field(default_factory=list)
 
@@ -258,6 +263,7 @@ class Launcher:
         max_replacements: int | None = None,
         direction: str = "minimize",
         method: str | None = None,  # how workers start [default: start_method()]
+        timeout_s: float | None = None,  # no trial starts after this long; running ones finish
     ) -> None:
         self.location = location
         self.study = study
@@ -272,6 +278,8 @@ class Launcher:
             max_replacements if max_replacements is not None else max(3, 2 * len(slots))
         )
         self.direction = direction
+        self.timeout_s = timeout_s
+        self._deadline: float | None = None  # Unix time: the workers compare it with theirs
         self._n_started = 0
         self._replacements = 0
         self._signals: list[int] = []
@@ -287,6 +295,8 @@ class Launcher:
     def run(self) -> LaunchResult:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
+        if self.timeout_s is not None:
+            self._deadline = time.time() + self.timeout_s
         finished_before = self._counts().finished
         self._recover_orphans("its worker was gone when hpo run started")
         previous = {
@@ -295,6 +305,7 @@ class Launcher:
         }
         workers: list[_Worker] = []
         gave_up: str | None = None
+        timed_out = False
         try:
             if self._counts().used < self.spec.budget:
                 workers = [self._start(slot) for slot in self.slots]
@@ -310,6 +321,9 @@ class Launcher:
                 if not workers:
                     counts = self._counts()
                     if counts.finished >= self.spec.budget:
+                        break
+                    if self._time_up():
+                        timed_out = True
                         break
                     # Slots free again (re-queued trials, or claims that saw a full budget and
                     # were then voided or failed): run them. Otherwise the rest is running on
@@ -341,12 +355,16 @@ class Launcher:
             elapsed_s=time.monotonic() - started,
             interrupted=bool(self._signals),
             gave_up=gave_up,
+            timed_out=timed_out,
             best=best_trial(trials, self.direction),
             worker_deaths=list(self._deaths),
         )
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals.append(signum)
+
+    def _time_up(self) -> bool:
+        return self._deadline is not None and time.time() >= self._deadline
 
     def _start(self, slot: WorkerSlot) -> _Worker:
         seed = None if self.seed is None else self.seed + 7919 * self._n_started
@@ -358,6 +376,7 @@ class Launcher:
             device=slot.device,
             threads=slot.threads,
             parent_pid=os.getpid(),
+            deadline=self._deadline,
         )
         env = dict(os.environ)
         env.update(
@@ -410,7 +429,8 @@ class Launcher:
             elif code == EXIT_DONE:
                 continue
             elif code == EXIT_RECYCLE:
-                alive.append(self._start(worker.slot))
+                if not self._time_up():  # a new process would only see the time up and exit
+                    alive.append(self._start(worker.slot))
             else:
                 how = _describe_exit(code)
                 last = _last_line(worker.log_path)
@@ -422,7 +442,10 @@ class Launcher:
                     f"worker process {worker.process.pid} {how}" + (f": {last}" if last else ""),
                     requeue=True,
                 )
-                if self._replacements < self.max_replacements:
+                if self._time_up():
+                    self._say(f"worker {worker.slot.index} {how}; not replaced: the time limit "
+                              "has passed")
+                elif self._replacements < self.max_replacements:
                     self._replacements += 1
                     self._say(f"worker {worker.slot.index} {how}; starting a replacement")
                     alive.append(self._start(worker.slot))

@@ -17,8 +17,10 @@ epoch). The store may go away (a PostgreSQL restart): every store operation is r
 bounded backoff (`reconnect_s` in all), and a trial whose store writes failed for good is left to
 its heartbeat, which lets another worker re-queue it.
 
-Exit codes: 0 budget used up, 75 recycled after `max_trials` trials (50) (the launcher starts a fresh
-process: memory does not creep across hundreds of trials), 130 interrupted, 1 unexpected error.
+Exit codes: 0 budget used up, or `hpo run --timeout` passed (no trial starts after it; the one
+running then is finished and recorded first), 75 recycled after `max_trials` trials (50) (the
+launcher starts a fresh process: memory does not creep across hundreds of trials), 130
+interrupted, 1 unexpected error.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,7 @@ class WorkerSpec:
     grace_period_s: int = 300  # storage.GRACE_PERIOD_S
     reconnect_s: float = 300.0  # storage.RECONNECT_S: how long a lost store is waited for
     reduction_factor: int = 3  # eta of hyperband and asha (hpo._study.REDUCTION_FACTOR)
+    deadline: float | None = None  # Unix time (`hpo run --timeout`) after which no trial starts
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -282,6 +286,11 @@ class _Worker:
             if n_trials >= self.spec.max_trials:
                 _logger.info("recycling after %d trials", n_trials)
                 return EXIT_RECYCLE
+            if self.spec.deadline is not None and time.time() >= self.spec.deadline:
+                deadline = datetime.fromtimestamp(self.spec.deadline, UTC)
+                _logger.info("time limit of hpo run (%s) reached; exiting",
+                             deadline.isoformat(timespec="milliseconds"))
+                return EXIT_DONE
             trial = self.retry(
                 lambda: claim_trial(self.study, self.spec.budget), "claiming a trial"
             )

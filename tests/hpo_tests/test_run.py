@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -320,6 +322,32 @@ def test_a_worker_that_dies_is_replaced_and_its_trial_recorded(tmp_path):
     [retry] = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert retry.params == killed.params and retry.state in FINISHED
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
+
+
+def test_a_time_limit_starts_no_trial_after_it_and_finishes_the_running_ones(tmp_path):
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    name = "timeout"
+    result = hpo("run", "--trials", "40", "--preset", "smoke", "--epochs", "4", "--pruner", "none",
+                 "--workers", "2", "--timeout", "10", "--storage", url, "--study", name,
+                 "--space", slow_trials(tmp_path), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "no trial starts after 10 s" in result.stderr.splitlines()[0]
+    assert "time limit of 10 s reached" in result.stderr
+    # Each worker logs the deadline (UTC) when it stops; the trials' datetimes are UTC too.
+    logs = [p.read_text() for p in (tmp_path / "runs" / f"hpo-{name}").glob("worker-*.log")]
+    found = {m for log in logs for m in re.findall(r"time limit of hpo run \((\S+)\) reached", log)}
+    assert len(found) == 1 and len(logs) == 2, logs
+    deadline = datetime.fromisoformat(found.pop()).replace(tzinfo=None)
+    trials = trials_of(url, name)
+    counts = count_trials(trials)
+    # Nothing lost: every trial started was finished, by training to its end.
+    assert (counts.running, counts.waiting, counts.failed) == (0, 0, 0)
+    assert 0 < counts.finished < 40 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(t.datetime_start < deadline for t in trials)
+    # Trials of 4 s (slow_trials) run back to back on both workers: they were training when the
+    # time was up, and went on to their last epoch.
+    assert [t for t in trials if t.datetime_complete > deadline]
+    assert all(len(t.intermediate_values) == 4 for t in trials)
 
 
 def test_the_pruner_and_its_reduction_factor_reach_every_trial(tmp_path):
