@@ -5,19 +5,27 @@
 #   bash bench/gpu.sh            # needs a CUDA build of torch and `pip install -e .`
 #   SMOKE=1 bash bench/gpu.sh    # every step on the CPU at toy sizes (smoke preset, 2 trials):
 #                                # checks the script itself before a GPU's minutes are spent on it
+#   STEPS="4 6" bash bench/gpu.sh   # only those steps (a rerun of the ones that failed)
 #
 # 1. generation: 10,000 full-preset scenes on the device (target < 1 s)
 # 2. training throughput, full preset (scenes/s) and validation
 # 3. a trial's time by part (data, forward, loss, backward, optimizer, validation, storage)
 # 4. localizing one scene (MDL + MUSIC + refinement) against the original's grid
 # 5. one full trial: `hpo train --preset full` (10k/1k scenes, 12 epochs; target <= 10 s)
-# 6. `hpo run --trials 40 --preset full` with several workers on the GPU, GPU busy % sampled by
-#    nvidia-smi (target: >= 80 %; 200 trials <= 20 min, extrapolated from the 40 here)
-set -euo pipefail
+# 6. `hpo run --trials 200 --preset full` with several workers on the GPU, GPU busy % sampled by
+#    nvidia-smi (target: >= 80 %; 200 trials <= 20 min). It gets what is left of BUDGET_S
+#    (default 540 s for the whole script) as `hpo run --timeout`, less a minute for the trials
+#    running then to finish; the summary extrapolates 200 trials from the ones finished.
+#
+# A step that fails is reported and the next one runs all the same: one lease's minutes are not
+# lost to one broken step. The exit status is 1 when any step failed; the last line names them.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-gpu-out}
 WORKERS_PER_GPU=${WORKERS_PER_GPU:-4}
-TRIALS=${TRIALS:-40}
+TRIALS=${TRIALS:-200}
+BUDGET_S=${BUDGET_S:-540}
+STEPS=${STEPS:-1 2 3 4 5 6}
 if [ "${SMOKE:-0}" = 1 ]; then
     DEVICE=cpu PRESET=smoke TRIALS=2 GEN_SCENES=256 TT_STEPS=2 TT_REPEATS=1 LOC_SCENES=8 LOC_TIMED=2
     WORKERS=(--workers 2)
@@ -25,30 +33,53 @@ else
     DEVICE=cuda PRESET=full GEN_SCENES=10000 TT_STEPS=20 TT_REPEATS=5 LOC_SCENES=500 LOC_TIMED=50
     WORKERS=(--workers-per-gpu "$WORKERS_PER_GPU")
 fi
-mkdir -p "$OUT"
+mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)  # absolute: step 6 runs inside it
 if [ "$DEVICE" = cuda ]; then
-    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt"
+    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt" || exit 1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/device.txt"
 else
     python -c "import torch; print('cpu (SMOKE: toy sizes, figures mean nothing)', torch.__version__)" | tee "$OUT/device.txt"
 fi
 
+FAILED=()
+SMI=  # step 6's nvidia-smi sampler
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
+# run N COMMAND...: step N's command; its failure is recorded and the script goes on.
+run() {
+    local n=$1; shift
+    "$@"
+    local code=$?
+    if [ "$code" != 0 ]; then
+        echo "!! step $n failed (exit $code)"
+        FAILED+=("$n")
+    fi
+}
 
-step "1. generation"
-python bench/generation.py --device "$DEVICE" --preset "$PRESET" --scenes "$GEN_SCENES" | tee "$OUT/generation.jsonl"
-step "2. training throughput"
-python bench/train_throughput.py --device "$DEVICE" --presets "$PRESET" quick --steps "$TT_STEPS" --repeats "$TT_REPEATS" | tee "$OUT/train_throughput.jsonl"
-step "3. trial profile ($PRESET)"
-python bench/trial_profile.py --device "$DEVICE" --preset "$PRESET" --threads 4 | tee "$OUT/trial_profile.txt"
-step "4. localize one scene"
-python bench/localize.py --device "$DEVICE" --preset "$PRESET" --scenes "$LOC_SCENES" --timed "$LOC_TIMED" | tee "$OUT/localize.jsonl"
-step "5. one $PRESET trial"
-start=$(date +%s.%N)
-hpo train --preset "$PRESET" --device "$DEVICE" --out "$OUT/full-trial" --json > "$OUT/full-trial.json"
-end=$(date +%s.%N)
-python - "$start" "$end" "$OUT/full-trial.json" <<'PY' | tee "$OUT/full-trial-summary.json"
+step1() {
+    python bench/generation.py --device "$DEVICE" --preset "$PRESET" --scenes "$GEN_SCENES" \
+        | tee "$OUT/generation.jsonl"
+}
+step2() {
+    python bench/train_throughput.py --device "$DEVICE" --presets "$PRESET" quick \
+        --steps "$TT_STEPS" --repeats "$TT_REPEATS" | tee "$OUT/train_throughput.jsonl"
+}
+step3() {
+    python bench/trial_profile.py --device "$DEVICE" --preset "$PRESET" --threads 4 \
+        | tee "$OUT/trial_profile.txt"
+}
+step4() {
+    python bench/localize.py --device "$DEVICE" --preset "$PRESET" --scenes "$LOC_SCENES" \
+        --timed "$LOC_TIMED" | tee "$OUT/localize.jsonl"
+}
+step5() {
+    local start end
+    start=$(date +%s.%N)
+    hpo train --preset "$PRESET" --device "$DEVICE" --out "$OUT/full-trial" --json \
+        > "$OUT/full-trial.json" || return
+    end=$(date +%s.%N)
+    python - "$start" "$end" "$OUT/full-trial.json" <<'PY' | tee "$OUT/full-trial-summary.json"
 import json, sys
 start, end, path = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 summary = json.loads(open(path).read())
@@ -58,33 +89,74 @@ print(json.dumps({"command_wall_s_incl_startup_and_references": round(end - star
                   "trial_s": round(sum(e["seconds"] for e in epochs), 2),
                   "target_s": 10}))
 PY
-step "6. hpo run on $DEVICE ($TRIALS trials, ${WORKERS[*]})"
-rm -f "$OUT/gpu-util.csv" "$OUT/study.db"
-SMI=
-if [ "$DEVICE" = cuda ]; then
-    # Its stderr must not hold a caller's pipe open: if step 6 fails, the trap still stops it.
-    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 \
-        > "$OUT/gpu-util.csv" 2>/dev/null &
-    SMI=$!
-    trap '[ -n "$SMI" ] && kill "$SMI" 2>/dev/null' EXIT
-else
-    : > "$OUT/gpu-util.csv"
-fi
-start=$(date +%s.%N)
-# inside $OUT: the study's worker logs and checkpoints (runs/) land there too
-(cd "$OUT" && hpo run --trials "$TRIALS" --preset "$PRESET" "${WORKERS[@]}" --device "$DEVICE" \
-    --storage "sqlite:///$OUT/study.db" --study gpu-bench --quiet) | tee "$OUT/run.txt"
-end=$(date +%s.%N)
-if [ -n "$SMI" ]; then kill "$SMI" 2>/dev/null || true; SMI=; fi
-python - "$start" "$end" "$OUT/gpu-util.csv" "$TRIALS" <<'PY' | tee "$OUT/run-summary.json"
+}
+step6() {
+    local limit start end code
+    # What is left of the budget, less a minute for the trials running at the limit to end.
+    limit=$(( BUDGET_S - SECONDS - 60 ))
+    if [ "$limit" -lt 30 ]; then limit=30; fi
+    echo "hpo run gets --timeout $limit (BUDGET_S=$BUDGET_S, $SECONDS s used)"
+    rm -f "$OUT/gpu-util.csv" "$OUT/study.db"
+    if [ "$DEVICE" = cuda ]; then
+        # Its stderr must not hold a caller's pipe open: if the step fails, the trap stops it.
+        nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 \
+            > "$OUT/gpu-util.csv" 2>/dev/null &
+        SMI=$!
+        trap '[ -n "$SMI" ] && kill "$SMI" 2>/dev/null' EXIT
+    else
+        : > "$OUT/gpu-util.csv"
+    fi
+    start=$(date +%s.%N)
+    # inside $OUT: the study's worker logs and checkpoints (runs/) land there too
+    (cd "$OUT" && hpo run --trials "$TRIALS" --preset "$PRESET" "${WORKERS[@]}" \
+        --device "$DEVICE" --timeout "$limit" --storage "sqlite:///$OUT/study.db" \
+        --study gpu-bench --quiet) 2>&1 | tee "$OUT/run.txt"
+    code=$?
+    end=$(date +%s.%N)
+    if [ -n "$SMI" ]; then kill "$SMI" 2>/dev/null; SMI=; fi
+    [ "$code" = 0 ] || return "$code"
+    python - "$start" "$end" "$OUT/gpu-util.csv" "$TRIALS" "$OUT/study.db" <<'PY' \
+        | tee "$OUT/run-summary.json"
 import json, statistics, sys
-start, end, path, trials = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+import optuna
+
+start, end, path, budget, db = (float(sys.argv[1]), float(sys.argv[2]), sys.argv[3],
+                                int(sys.argv[4]), sys.argv[5])
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+trials = optuna.load_study(study_name="gpu-bench", storage=f"sqlite:///{db}").get_trials()
+finished = [t for t in trials if t.state.is_finished()]
 util = [float(x) for x in open(path) if x.strip()]
 wall = end - start
-print(json.dumps({"trials": trials, "wall_s": round(wall, 1),
-                  "gpu_busy_mean_pct": round(statistics.mean(util), 1) if util else None,
-                  "gpu_busy_median_pct": statistics.median(util) if util else None,
-                  "extrapolated_200_trials_min": round(wall / trials * 200 / 60, 1),
-                  "targets": {"gpu_busy_pct": 80, "200_trials_min": 20}}))
+print(json.dumps({
+    "budget": budget, "finished": len(finished),
+    "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in finished),
+    "epochs": sum(len(t.intermediate_values) for t in finished),
+    "wall_s": round(wall, 1),
+    "gpu_busy_mean_pct": round(statistics.mean(util), 1) if util else None,
+    "gpu_busy_median_pct": statistics.median(util) if util else None,
+    "200_trials_min": round(wall / 60, 1) if len(finished) >= 200 else
+                      round(wall / max(len(finished), 1) * 200 / 60, 1),
+    "200_trials_extrapolated": len(finished) < 200,
+    "targets": {"gpu_busy_pct": 80, "200_trials_min": 20}}))
 PY
-echo; echo "all results in $OUT/"
+}
+
+for n in 1 2 3 4 5 6; do
+    if wanted "$n"; then
+        case $n in
+            1) step "1. generation" ;;
+            2) step "2. training throughput" ;;
+            3) step "3. trial profile ($PRESET)" ;;
+            4) step "4. localize one scene" ;;
+            5) step "5. one $PRESET trial" ;;
+            6) step "6. hpo run on $DEVICE (up to $TRIALS trials, ${WORKERS[*]})" ;;
+        esac
+        run "$n" "step$n"
+    fi
+done
+echo; echo "all results in $OUT/ ($SECONDS s)"
+if [ "${#FAILED[@]}" != 0 ]; then
+    echo "failed steps: ${FAILED[*]} (rerun them alone with STEPS=\"${FAILED[*]}\")"
+    exit 1
+fi

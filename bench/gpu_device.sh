@@ -10,10 +10,14 @@
 #
 # SMOKE=1 is passed on to bench/gpu.sh (toy sizes on the CPU): with a venv that has only what the
 # device image has, it checks this script and the wheel list before a GPU's minutes go to them.
+# DEADLINE_S (default 570, under the run call's 600) bounds the whole script: the CUDA tests get
+# at most 240 s, bench/gpu.sh what is left (its BUDGET_S, enforced with `timeout`), and the
+# tarball of results is written whatever happened before. STEPS is passed on (a rerun of some).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/site}
+DEADLINE_S=${DEADLINE_S:-570}
 RESULTS=${OUT:-gpu-device-out}  # the device tool's $OUT, else a local folder
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
@@ -41,9 +45,14 @@ WORK=$(mktemp -d)
 status=0
 # The CUDA tests first (skipped on a machine without CUDA): the device path computes what the CPU's
 # does. Their result is logged; the benchmarks run either way.
-"$PY" -m pytest -q -p no:cacheprovider tests/pipeline_tests/test_cuda.py 2>&1 \
-    | tee "$RESULTS/gpu-tests.log" || status=$?
-OUT="$WORK" PYTHONUNBUFFERED=1 bash bench/gpu.sh 2>&1 | tee "$RESULTS/gpu.log" || status=$?
+if [ -z "${STEPS:-}" ]; then
+    timeout -k 10 240 "$PY" -m pytest -q -p no:cacheprovider tests/pipeline_tests/test_cuda.py \
+        2>&1 | tee "$RESULTS/gpu-tests.log" || status=$?
+fi
+BUDGET_S=$(( DEADLINE_S - SECONDS - 15 ))
+echo "bench/gpu.sh gets $BUDGET_S s"
+OUT="$WORK" BUDGET_S="$BUDGET_S" PYTHONUNBUFFERED=1 timeout -k 10 "$(( BUDGET_S + 10 ))" \
+    bash bench/gpu.sh 2>&1 | tee "$RESULTS/gpu.log" || status=$?
 tar czf "$RESULTS/gpu-out.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.db' --exclude='*.lock' . \
     || status=$?
 echo "results: $RESULTS/gpu-tests.log, $RESULTS/gpu.log, $RESULTS/gpu-out.tgz (exit $status)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,35 @@ def test_every_step_of_the_gpu_script_runs_in_smoke_mode(tmp_path):
     trial = json.loads((out / "full-trial-summary.json").read_text())
     assert trial["epochs"] == 2 and trial["trial_s"] > 0
     run = json.loads((out / "run-summary.json").read_text())
-    assert run["trials"] == 2 and run["gpu_busy_mean_pct"] is None  # no nvidia-smi on the CPU
+    assert (run["budget"], run["finished"], run["200_trials_extrapolated"]) == (2, 2, True)
+    assert run["epochs"] >= 2 and run["gpu_busy_mean_pct"] is None  # no nvidia-smi on the CPU
     assert "2/2 finished" in (out / "run.txt").read_text()
+    assert re.search(r"hpo run gets --timeout \d+ \(BUDGET_S=540, \d+ s used\)", done.stdout)
     # everything the study wrote stays under OUT, nothing in the checkout or the caller's cwd
     assert (out / "runs" / "hpo-gpu-bench").is_dir()
     assert logs.exists() == there_before
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path):
+    # STEPS picks steps; an `hpo` whose `train` fails breaks step 5 alone: step 6 (`hpo run`)
+    # still runs, the summary names step 5 and the exit status is 1.
+    out, shims = tmp_path / "out", tmp_path / "bin"
+    shims.mkdir()
+    real = Path(sys.executable).parent / "hpo"
+    (shims / "hpo").write_text(
+        f'#!/bin/sh\nif [ "$1" = train ]; then echo "broken on purpose" >&2; exit 3; fi\n'
+        f'exec "{real}" "$@"\n'
+    )
+    (shims / "hpo").chmod(0o755)
+    path = os.pathsep.join([str(shims), str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "STEPS": "5 6", "PATH": path}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, cwd=tmp_path,
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "!! step 5 failed (exit 3)" in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith('failed steps: 5 (rerun them alone')
+    assert "== 6." in done.stdout and "== 1." not in done.stdout and "== 4." not in done.stdout
+    assert json.loads((out / "run-summary.json").read_text())["finished"] == 2
+    assert not (out / "generation.jsonl").exists()
