@@ -15,7 +15,9 @@
 # 6. `hpo run --trials 200 --preset full` with several workers on the GPU, GPU busy % sampled by
 #    nvidia-smi (target: >= 80 %; 200 trials <= 20 min). It gets what is left of BUDGET_S
 #    (default 540 s for the whole script) as `hpo run --timeout`, less a minute for the trials
-#    running then to finish; the summary extrapolates 200 trials from the ones finished.
+#    running then to finish (and 90 s for step 7); the summary extrapolates 200 trials from the
+#    ones finished.
+# 7. torch.compile of the trunk against eager, full preset (training scenes/s, compile time)
 #
 # A step that fails is reported and the next one runs all the same: one lease's minutes are not
 # lost to one broken step. The exit status is 1 when any step failed; the last line names them.
@@ -25,7 +27,7 @@ OUT=${OUT:-bench-gpu-out}
 WORKERS_PER_GPU=${WORKERS_PER_GPU:-4}
 TRIALS=${TRIALS:-200}
 BUDGET_S=${BUDGET_S:-540}
-STEPS=${STEPS:-1 2 3 4 5 6}
+STEPS=${STEPS:-1 2 3 4 5 6 7}
 if [ "${SMOKE:-0}" = 1 ]; then
     DEVICE=cpu PRESET=smoke TRIALS=2 GEN_SCENES=256 TT_STEPS=2 TT_REPEATS=1 LOC_SCENES=8 LOC_TIMED=2
     WORKERS=(--workers 2)
@@ -92,8 +94,10 @@ PY
 }
 step6() {
     local limit start end code
-    # What is left of the budget, less a minute for the trials running at the limit to end.
+    # What is left of the budget, less a minute for the trials running at the limit to end and
+    # 90 s for step 7.
     limit=$(( BUDGET_S - SECONDS - 60 ))
+    if wanted 7; then limit=$(( limit - 90 )); fi
     if [ "$limit" -lt 30 ]; then limit=30; fi
     echo "hpo run gets --timeout $limit (BUDGET_S=$BUDGET_S, $SECONDS s used)"
     rm -f "$OUT/gpu-util.csv" "$OUT/study.db"
@@ -142,7 +146,12 @@ print(json.dumps({
 PY
 }
 
-for n in 1 2 3 4 5 6; do
+step7() {
+    python bench/train_throughput.py --device "$DEVICE" --presets "$PRESET" \
+        --compile none default --steps "$TT_STEPS" --repeats 3 | tee "$OUT/compile.jsonl"
+}
+
+for n in 1 2 3 4 5 6 7; do
     if wanted "$n"; then
         case $n in
             1) step "1. generation" ;;
@@ -151,6 +160,7 @@ for n in 1 2 3 4 5 6; do
             4) step "4. localize one scene" ;;
             5) step "5. one $PRESET trial" ;;
             6) step "6. hpo run on $DEVICE (up to $TRIALS trials, ${WORKERS[*]})" ;;
+            7) step "7. torch.compile of the trunk ($PRESET)" ;;
         esac
         run "$n" "step$n"
     fi

@@ -41,6 +41,9 @@ def test_every_step_of_the_gpu_script_runs_in_smoke_mode(tmp_path):
     assert (run["budget"], run["finished"], run["200_trials_extrapolated"]) == (2, 2, True)
     assert run["epochs"] >= 2 and run["gpu_busy_mean_pct"] is None  # no nvidia-smi on the CPU
     assert "2/2 finished" in (out / "run.txt").read_text()
+    compiled = {r["compile"]: r for r in _json_lines(out / "compile.jsonl")}
+    assert set(compiled) == {"none", "default"}
+    assert all(r["train_scenes_per_s_median"] > 0 for r in compiled.values())
     assert re.search(r"hpo run gets --timeout \d+ \(BUDGET_S=540, \d+ s used\)", done.stdout)
     # everything the study wrote stays under OUT, nothing in the checkout or the caller's cwd
     assert (out / "runs" / "hpo-gpu-bench").is_dir()
