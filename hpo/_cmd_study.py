@@ -190,7 +190,7 @@ def run(
         ),
     ] = 300.0,
 ) -> None:
-    """Run trials until the study holds --trials finished ones."""
+    """Run trials until the study holds --trials finished ones, or until --timeout passes."""
     import optuna
 
     from hpo._launch import Launcher, LaunchError, plan_slots, start_method, warm_up
