@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,8 +72,8 @@ def run(
         typer.Option(
             "--timeout",
             metavar="SECONDS",
-            help="Start no trial after this many seconds; the trials running then finish and "
-            "are recorded, and the command exits 0 with the budget not yet used up (run it "
+            help="Start no trial once this many seconds have passed since the command started; "
+            "the trials running then finish and are recorded, and the command exits 0 with the budget not yet used up (run it "
             "again to go on) [default: no limit].",
             show_default=False,
         ),
@@ -191,6 +192,7 @@ def run(
     ] = 300.0,
 ) -> None:
     """Run trials until the study holds --trials finished ones, or until --timeout passes."""
+    started = time.time()  # --timeout counts from here: imports and set-up are part of it
     import optuna
 
     from hpo._launch import Launcher, LaunchError, plan_slots, start_method, warm_up
@@ -331,7 +333,7 @@ def run(
         quiet=quiet,
         direction=settings.direction,
         method=method,
-        timeout_s=timeout,
+        deadline=None if timeout is None else started + timeout,
     )
     try:
         result = launcher.run()
@@ -354,9 +356,12 @@ def run(
         typer.echo(f"error: stopped early: {result.gave_up}", err=True)
         raise typer.Exit(code=EXIT_INCOMPLETE)
     if result.timed_out:
+        waiting = (
+            f"; {counts.waiting} re-queued trial(s) wait for the next run" if counts.waiting else ""
+        )
         typer.echo(
-            f"time limit of {timeout:g} s reached: no trial was started after it; run the same "
-            "command again to finish the budget",
+            f"time limit of {timeout:g} s reached: no trial was started after it{waiting}; run "
+            "the same command again to finish the budget",
             err=True,
         )
     if counts.finished < trials and counts.running:

@@ -18,7 +18,7 @@ running, it waits, and every heartbeat interval fails and re-queues trials whose
 (a node that vanished), then starts workers again for them. Store reads and writes are retried
 while the store is away (a PostgreSQL restart), for `reconnect_s` at most.
 
-With a time limit (`timeout_s`, `hpo run --timeout`) no trial starts once it has passed: each
+With a deadline (`hpo run --timeout`, counted from the command's start) no trial starts once it has passed: each
 worker finishes and records the trial it is running, then exits; the launcher replaces no worker
 after it and stops as soon as its own workers are gone, without waiting for other nodes.
 """
@@ -237,7 +237,7 @@ class LaunchResult:
     elapsed_s: float
     interrupted: bool = False
     gave_up: str | None = None  # why the launcher stopped before the budget was used up
-    timed_out: bool = False  # stopped at the time limit (`timeout_s`) before the budget
+    timed_out: bool = False  # stopped at the deadline before the budget was used up
     best: optuna.trial.FrozenTrial | None = None
     worker_deaths: list[str] = field(default_factory=list)
 
@@ -263,7 +263,7 @@ class Launcher:
         max_replacements: int | None = None,
         direction: str = "minimize",
         method: str | None = None,  # how workers start [default: start_method()]
-        timeout_s: float | None = None,  # no trial starts after this long; running ones finish
+        deadline: float | None = None,  # Unix time: no trial starts after it; running ones end
     ) -> None:
         self.location = location
         self.study = study
@@ -278,8 +278,7 @@ class Launcher:
             max_replacements if max_replacements is not None else max(3, 2 * len(slots))
         )
         self.direction = direction
-        self.timeout_s = timeout_s
-        self._deadline: float | None = None  # Unix time: the workers compare it with theirs
+        self.deadline = deadline
         self._n_started = 0
         self._replacements = 0
         self._signals: list[int] = []
@@ -295,8 +294,6 @@ class Launcher:
     def run(self) -> LaunchResult:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        if self.timeout_s is not None:
-            self._deadline = time.time() + self.timeout_s
         finished_before = self._counts().finished
         self._recover_orphans("its worker was gone when hpo run started")
         previous = {
@@ -364,7 +361,7 @@ class Launcher:
         self._signals.append(signum)
 
     def _time_up(self) -> bool:
-        return self._deadline is not None and time.time() >= self._deadline
+        return self.deadline is not None and time.time() >= self.deadline
 
     def _start(self, slot: WorkerSlot) -> _Worker:
         seed = None if self.seed is None else self.seed + 7919 * self._n_started
@@ -376,7 +373,7 @@ class Launcher:
             device=slot.device,
             threads=slot.threads,
             parent_pid=os.getpid(),
-            deadline=self._deadline,
+            deadline=self.deadline,
         )
         env = dict(os.environ)
         env.update(

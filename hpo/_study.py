@@ -285,8 +285,10 @@ def count_trials(trials: Sequence[FrozenTrial]) -> StudyCounts:
     )
 
 
-def claim_trial(study: optuna.Study, budget: int) -> optuna.Trial | None:
-    """A new RUNNING trial if the study has fewer than `budget` trials used, else None.
+def claim_trial(study: optuna.Study, budget: int,
+                deadline: float | None = None) -> optuna.Trial | None:
+    """A new RUNNING trial if the study has fewer than `budget` trials used, else None; also None
+    once `deadline` (Unix time, `hpo run --timeout`) has passed when the lock is held.
 
     Runs under the store lock: stale trials are failed (and re-queued) first, then the count and
     the creation happen with no other claim in between. A WAITING (re-queued) trial is taken
@@ -306,6 +308,8 @@ def claim_trial(study: optuna.Study, budget: int) -> optuna.Trial | None:
         if _void_half_claims(study, trials) or changed:
             trials = study.get_trials(deepcopy=False)  # read again only when it changed
         if count_trials(trials).used >= budget:
+            return None
+        if deadline is not None and time.time() >= deadline:  # the lock may have taken long
             return None
         trial = study.ask()
         try:

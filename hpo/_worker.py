@@ -286,16 +286,19 @@ class _Worker:
             if n_trials >= self.spec.max_trials:
                 _logger.info("recycling after %d trials", n_trials)
                 return EXIT_RECYCLE
-            if self.spec.deadline is not None and time.time() >= self.spec.deadline:
-                deadline = datetime.fromtimestamp(self.spec.deadline, UTC)
-                _logger.info("time limit of hpo run (%s) reached; exiting",
-                             deadline.isoformat(timespec="milliseconds"))
-                return EXIT_DONE
-            trial = self.retry(
-                lambda: claim_trial(self.study, self.spec.budget), "claiming a trial"
-            )
+            deadline = self.spec.deadline
+            trial = None
+            if deadline is None or time.time() < deadline:
+                trial = self.retry(
+                    lambda: claim_trial(self.study, self.spec.budget, self.spec.deadline),
+                    "claiming a trial",
+                )
             if trial is None:
-                _logger.info("budget of %d trials used up; exiting", self.spec.budget)
+                if deadline is not None and time.time() >= deadline:
+                    _logger.info("time limit of hpo run (%s) reached; exiting",
+                                 datetime.fromtimestamp(deadline, UTC).isoformat())
+                else:
+                    _logger.info("budget of %d trials used up; exiting", self.spec.budget)
                 return EXIT_DONE
             n_trials += 1
             unexpected = self._run(trial)

@@ -131,6 +131,37 @@ def test_a_voided_claim_counts_nowhere_and_gives_its_retry_back(tmp_path):
     assert again.user_attrs["retry_of"] == first.number and again.params == first.params
 
 
+def test_no_trial_is_claimed_once_the_deadline_has_passed_even_after_waiting_for_the_lock(
+    tmp_path,
+):
+    storage = open_storage(f"sqlite:///{tmp_path / 'deadline.db'}")
+    study = create_or_load_study(storage, "deadline", SETTINGS, budget=5)
+    assert claim_trial(study, 5, deadline=time.time() - 1) is None
+    # Another claimer holds the lock across the deadline: the claim waiting for it gets the lock
+    # after the deadline and must not start a trial then.
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store_lock(_rdb(study._storage), study._study_id):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        deadline = time.time() + 0.3
+        threading.Timer(0.8, release.set).start()
+        assert claim_trial(study, 5, deadline=deadline) is None
+        assert time.time() > deadline  # it did wait for the lock
+    finally:
+        release.set()
+        holder.join()
+    assert study.get_trials() == []
+    trial = claim_trial(study, 5, deadline=time.time() + 60)
+    assert trial is not None and trial.number == 0
+
+
 def test_prune_checkpoints_keeps_unfinished_chains_and_the_best_complete(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'ckpt.db'}")
     study = create_or_load_study(storage, "ckpt", SETTINGS, budget=10)
