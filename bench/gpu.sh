@@ -21,6 +21,8 @@
 #
 # A step that fails is reported and the next one runs all the same: one lease's minutes are not
 # lost to one broken step. The exit status is 1 when any step failed; the last line names them.
+# SIGINT or SIGTERM (`timeout -s INT`, as bench/gpu_device.sh sends it) stops after the running
+# step, which gets the signal too: `hpo run` then records its trials before it exits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-gpu-out}
@@ -28,6 +30,13 @@ WORKERS_PER_GPU=${WORKERS_PER_GPU:-4}
 TRIALS=${TRIALS:-200}
 BUDGET_S=${BUDGET_S:-540}
 STEPS=${STEPS:-1 2 3 4 5 6 7}
+for n in $STEPS; do
+    case $n in
+        [1-7]) ;;
+        *) echo "error: STEPS must hold step numbers 1-7 separated by spaces, but got '$STEPS'" >&2
+           exit 2 ;;
+    esac
+done
 if [ "${SMOKE:-0}" = 1 ]; then
     DEVICE=cpu PRESET=smoke TRIALS=2 GEN_SCENES=256 TT_STEPS=2 TT_REPEATS=1 LOC_SCENES=8 LOC_TIMED=2
     WORKERS=(--workers 2)
@@ -46,6 +55,8 @@ fi
 
 FAILED=()
 SMI=  # step 6's nvidia-smi sampler
+STOPPING=
+trap 'STOPPING=1' INT TERM
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
 # run N COMMAND...: step N's command; its failure is recorded and the script goes on.
@@ -111,10 +122,11 @@ step6() {
         : > "$OUT/gpu-util.csv"
     fi
     start=$(date +%s.%N)
-    # inside $OUT: the study's worker logs and checkpoints (runs/) land there too
+    # inside $OUT: the study's worker logs and checkpoints (runs/) land there too; `tee -i`
+    # outlives a SIGINT to the group, so hpo run can still say what it recorded
     (cd "$OUT" && hpo run --trials "$TRIALS" --preset "$PRESET" "${WORKERS[@]}" \
         --device "$DEVICE" --timeout "$limit" --storage "sqlite:///$OUT/study.db" \
-        --study gpu-bench --quiet) 2>&1 | tee "$OUT/run.txt"
+        --study gpu-bench --quiet) 2>&1 | tee -i "$OUT/run.txt"
     code=$?
     end=$(date +%s.%N)
     if [ -n "$SMI" ]; then kill "$SMI" 2>/dev/null; SMI=; fi
@@ -125,23 +137,24 @@ import json, statistics, sys
 
 import optuna
 
+from hpo._study import count_trials
+
 start, end, path, budget, db = (float(sys.argv[1]), float(sys.argv[2]), sys.argv[3],
                                 int(sys.argv[4]), sys.argv[5])
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 trials = optuna.load_study(study_name="gpu-bench", storage=f"sqlite:///{db}").get_trials()
-finished = [t for t in trials if t.state.is_finished()]
+counts = count_trials(trials)  # as hpo counts: re-queued and voided attempts left out
 util = [float(x) for x in open(path) if x.strip()]
 wall = end - start
 print(json.dumps({
-    "budget": budget, "finished": len(finished),
-    "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in finished),
-    "epochs": sum(len(t.intermediate_values) for t in finished),
+    "budget": budget, "finished": counts.finished, "complete": counts.complete,
+    "pruned": counts.pruned, "failed": counts.failed,
+    "epochs_trained": sum(len(t.intermediate_values) for t in trials),
     "wall_s": round(wall, 1),
     "gpu_busy_mean_pct": round(statistics.mean(util), 1) if util else None,
     "gpu_busy_median_pct": statistics.median(util) if util else None,
-    "200_trials_min": round(wall / 60, 1) if len(finished) >= 200 else
-                      round(wall / max(len(finished), 1) * 200 / 60, 1),
-    "200_trials_extrapolated": len(finished) < 200,
+    "200_trials_min": round(wall / max(counts.finished, 1) * 200 / 60, 1),
+    "200_trials_extrapolated": counts.finished != 200,
     "targets": {"gpu_busy_pct": 80, "200_trials_min": 20}}))
 PY
 }
@@ -152,7 +165,10 @@ step7() {
 }
 
 for n in 1 2 3 4 5 6 7; do
-    if wanted "$n"; then
+    if [ -n "$STOPPING" ] && wanted "$n"; then
+        echo "!! stopped by a signal before step $n"
+        FAILED+=("$n")
+    elif wanted "$n"; then
         case $n in
             1) step "1. generation" ;;
             2) step "2. training throughput" ;;

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def test_every_step_of_the_gpu_script_runs_in_smoke_mode(tmp_path):
     assert trial["epochs"] == 2 and trial["trial_s"] > 0
     run = json.loads((out / "run-summary.json").read_text())
     assert (run["budget"], run["finished"], run["200_trials_extrapolated"]) == (2, 2, True)
-    assert run["epochs"] >= 2 and run["gpu_busy_mean_pct"] is None  # no nvidia-smi on the CPU
+    assert run["epochs_trained"] >= 2 and run["gpu_busy_mean_pct"] is None  # no nvidia-smi here
     assert "2/2 finished" in (out / "run.txt").read_text()
     compiled = {r["compile"]: r for r in _json_lines(out / "compile.jsonl")}
     assert set(compiled) == {"none", "default"}
@@ -73,3 +75,34 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path):
     assert "== 6." in done.stdout and "== 1." not in done.stdout and "== 4." not in done.stdout
     assert json.loads((out / "run-summary.json").read_text())["finished"] == 2
     assert not (out / "generation.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_running_step_and_skips_the_rest(tmp_path):
+    # bench/gpu_device.sh stops gpu.sh with `timeout -s INT` at its deadline: the signal reaches
+    # the whole process group. Sent while step 6 starts `hpo run`, it ends that step (hpo run
+    # records its trials) and step 7 is skipped, not started.
+    out = tmp_path / "out"
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "STEPS": "6 7",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        seen = ""
+        while "== 6." not in seen:
+            line = proc.stdout.readline()
+            assert line, seen
+            seen += line
+        time.sleep(1.5)  # hpo run is starting: it takes seconds before its first trial ends
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = seen + rest
+    assert proc.returncode == 1, text
+    assert "!! step 6 failed (exit 130)" in text
+    assert "!! stopped by a signal before step 7" in text and "== 7." not in text
+    assert text.rstrip().splitlines()[-1].startswith('failed steps: 6 7 (rerun them alone')
+    assert not (out / "compile.jsonl").exists()
