@@ -64,13 +64,14 @@ def _draw_sources(config: ExperimentConfig, batch: int, rng: torch.Generator
                   ) -> tuple[torch.Tensor, ...]:
     """Source counts and parameters, float64 on the CPU. Too-close pairs are redrawn."""
     k_max = config.max_sources
-    n_sources = torch.randint(1, k_max + 1, (batch,), generator=rng)
+    n_sources = torch.randint(1, k_max + 1, (batch,), generator=rng, device=rng.device)
     az_max = math.radians(config.azimuth_max_deg)
     el_max = math.radians(config.elevation_max_deg)
     sep = math.radians(config.min_separation_deg)
 
     def uniform(low: float, high: float, shape: tuple[int, ...]) -> torch.Tensor:
-        return low + (high - low) * torch.rand(shape, generator=rng, dtype=torch.float64)
+        return low + (high - low) * torch.rand(shape, generator=rng, dtype=torch.float64,
+                                                device=rng.device)
 
     # Each slot gets 1 + _REDRAWS candidate positions, drawn at once; it takes the first that is
     # not within `sep` in both angles of an earlier slot. The draw count is fixed (so the scenes
@@ -113,19 +114,22 @@ def generate_scenes(config: ExperimentConfig, deployment: Deployment, n_scenes: 
                     seed: np.random.SeedSequence | int) -> SceneBatch:
     """n_scenes scenes drawn from `seed`, on the deployment's device. Pure in (config, seed)."""
     entropy = seed.generate_state(2) if isinstance(seed, np.random.SeedSequence) else [seed]
-    rng = torch.Generator().manual_seed(int(np.uint64(entropy[0]) ^ (np.uint64(entropy[-1]) << 1)))
+    rng = torch.Generator(device="cpu").manual_seed(
+        int(np.uint64(entropy[0]) ^ (np.uint64(entropy[-1]) << 1)))
     device = deployment.operator.device
     k_max, n_snap = config.max_sources, config.n_snapshots
 
     n_sources, azimuth, elevation, range_m, power, snr_db = _draw_sources(config, n_scenes, rng)
     if config.coherent_symbols:
-        symbols = torch.randn((n_scenes, k_max, 1, 2), generator=rng).expand(-1, -1, n_snap, -1)
+        symbols = torch.randn((n_scenes, k_max, 1, 2), generator=rng, device=rng.device
+                              ).expand(-1, -1, n_snap, -1)
     else:
-        symbols = torch.randn((n_scenes, k_max, n_snap, 2), generator=rng)
-    noise = torch.randn((n_scenes, n_snap, config.n_bs_antennas, 2), generator=rng)
+        symbols = torch.randn((n_scenes, k_max, n_snap, 2), generator=rng, device=rng.device)
+    noise = torch.randn((n_scenes, n_snap, config.n_bs_antennas, 2), generator=rng,
+                        device=rng.device)
 
     # One host-to-device copy of all draws; everything below runs on the device.
-    mask = (torch.arange(k_max)[None, :] < n_sources[:, None]).to(device)
+    mask = (torch.arange(k_max, device=n_sources.device)[None, :] < n_sources[:, None]).to(device)
     azimuth, elevation, range_m, power, snr_db = (
         t.to(device=device, dtype=torch.float32)
         for t in (azimuth, elevation, range_m, power, snr_db))

@@ -124,8 +124,8 @@ _GRID_CACHE_SIZE = 4
 def _axis(low: float, high: float, n_points: int) -> tuple[torch.Tensor, float]:
     """n_points uniform over [low, high] (the midpoint when n_points is 1), float64, and the step."""
     if n_points == 1:
-        return torch.tensor([0.5 * (low + high)], dtype=torch.float64), high - low
-    return (torch.linspace(low, high, n_points, dtype=torch.float64),
+        return torch.tensor([0.5 * (low + high)], dtype=torch.float64, device="cpu"), high - low
+    return (torch.linspace(low, high, n_points, dtype=torch.float64, device="cpu"),
             (high - low) / (n_points - 1))
 
 
@@ -307,7 +307,7 @@ def _quadratic_design(device: torch.device) -> torch.Tensor:
 
     Coefficients order: 1, x, y, z, x^2, y^2, z^2, xy, xz, yz, with x, y, z in steps.
     """
-    ticks = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    ticks = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64, device="cpu")
     x, y, z = (m.reshape(-1) for m in torch.meshgrid(ticks, ticks, ticks, indexing="ij"))
     design = torch.stack([torch.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z],
                          dim=-1)

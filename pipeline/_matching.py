@@ -37,7 +37,7 @@ def _assignments(n_pred: int, n_true: int, device: torch.device) -> torch.Tensor
     index tensor is copied to the device once, not on every call.
     """
     rows = list(itertools.permutations(range(n_pred), n_true))
-    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), n_true).to(device)
+    return torch.tensor(rows, dtype=torch.long, device=device).reshape(len(rows), n_true)
 
 
 def _smooth_l1(difference: torch.Tensor, beta: float) -> torch.Tensor:
