@@ -15,8 +15,10 @@ import math
 import pytest
 import torch
 
+from pipeline import _covariance as cov
 from pipeline import _evaluate, _matching, preset
 from pipeline._data import load_split
+from pipeline._evaluate import localization_metrics, mdl_estimate, music_localize
 from pipeline._model import build_model
 from pipeline._physics import Deployment
 from pipeline._train import _grad_scaler, _train_epoch, make_optimizer, validate
@@ -58,3 +60,23 @@ def test_the_check_catches_a_tensor_made_without_a_device():
     real = torch.ones(3)
     with torch.device("meta"), pytest.raises((RuntimeError, NotImplementedError)):
         _ = (real + torch.arange(3)).sum().item()
+
+
+def test_localizing_a_scene_makes_no_tensor_on_the_default_device():
+    # What bench/localize.py and `hpo evaluate` run: the covariances, MDL's count, MUSIC with
+    # refinement, and the metrics.
+    _evaluate._GRID_CACHE.clear()
+    _evaluate._quadratic_design.cache_clear()
+    _matching._assignments.cache_clear()
+    config = preset("smoke")
+    deployment = Deployment.build(config, torch.device("cpu"))
+    scenes = load_split(config, deployment, "test", 16)
+    with torch.device("meta"):
+        r_samp = cov.sample_covariance(scenes.fields)
+        r_true = cov.true_covariance(scenes.steering, scenes.power)
+        k_hat = mdl_estimate(r_samp, config.n_snapshots, max_sources=config.max_sources)
+        for matrix, count in ((r_samp, k_hat), (r_true, scenes.n_sources)):
+            located = music_localize(matrix, count, deployment, config)
+            metrics = localization_metrics(located, scenes, count, config=config)
+            assert math.isfinite(metrics["composite"])
+    assert k_hat.device.type == "cpu"
