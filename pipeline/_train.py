@@ -147,7 +147,7 @@ class _FiniteWatch:
         self.first_term = torch.where(new, (~finite).long().argmax(), self.first_term)
 
     def raise_if_bad(self, epoch: int) -> None:
-        batch, term_index = (int(v) for v in torch.stack([self.first_batch, self.first_term]))
+        batch, term_index = torch.stack([self.first_batch, self.first_term]).tolist()  # one read
         if batch >= 0:
             term = self.names[term_index]
             what = "gradient norm" if term == "grad" else f"{term} loss"

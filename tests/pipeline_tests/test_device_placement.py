@@ -1,4 +1,5 @@
-"""Every tensor the training step and validation make names its device.
+"""The CUDA path's habits, checked on the CPU: every tensor the training step and validation make
+names its device, and a training epoch reads values back to the host only once, at its end.
 
 On CUDA a tensor made without a device lands on the CPU, and the first operation that meets a
 CUDA tensor fails, or copies to the host in the middle of the step. No GPU runs in CI, so this
@@ -11,9 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from pipeline import _covariance as cov
 from pipeline import _evaluate, _matching, preset
@@ -80,3 +85,53 @@ def test_localizing_a_scene_makes_no_tensor_on_the_default_device():
             metrics = localization_metrics(located, scenes, count, config=config)
             assert math.isfinite(metrics["composite"])
     assert k_hat.device.type == "cpu"
+
+
+_T = torch.Tensor
+# Calls that bring a tensor's values to the host: on CUDA each one waits for the GPU.
+_HOST_READS = {_T.item, _T.tolist, _T.__bool__, _T.__int__, _T.__float__, _T.__index__, _T.cpu,
+               _T.numpy, _T.nonzero, torch.nonzero, _T.masked_select, torch.masked_select,
+               torch.unique, _T.unique, torch.argwhere, _T.repeat_interleave,
+               torch.repeat_interleave}
+
+
+class _CountHostReads(TorchFunctionMode):
+    """Counts host reads made by pipeline code, leaving out those inside torch.optim (AdamW reads
+    its step counters, which live on the CPU also when training runs on CUDA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        read = func in _HOST_READS or (func is torch.where and len(args) == 1)
+        if func is _T.__getitem__ and len(args) > 1:  # boolean-mask indexing
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            read = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+        if read:
+            stack = traceback.extract_stack()[:-1]
+            if not any("torch/optim/" in frame.filename for frame in stack):
+                where = [f for f in stack if f"{os.sep}pipeline{os.sep}" in f.filename]
+                if where:
+                    self.sites.append(f"{Path(where[-1].filename).name}:{where[-1].lineno}")
+        return func(*args, **kwargs)
+
+
+def test_a_training_epoch_reads_back_to_the_host_once_whatever_its_number_of_steps():
+    # No host synchronisation inside the step: the loss means and the finiteness flags stay on
+    # the device and are read once, after the epoch. Epochs of 2 and of 6 steps make the same
+    # reads.
+    sites = {}
+    for n_steps in (2, 6):
+        config = dataclasses.replace(preset("smoke"), n_train=n_steps * 16, batch_size=16)
+        device = torch.device("cpu")
+        deployment = Deployment.build(config, device)
+        model = build_model(config, deployment)
+        optimizer, scheduler = make_optimizer(model, config)
+        scaler = _grad_scaler(config, device)
+        with _CountHostReads() as counter:
+            _train_epoch(model, optimizer, scheduler, scaler, config, deployment, device, 1)
+        sites[n_steps] = counter.sites
+    assert sites[2] == sites[6], sites
+    assert len(sites[6]) == 2, sites  # the flags, then the loss means, after the last step
