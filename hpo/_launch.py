@@ -18,9 +18,10 @@ running, it waits, and every heartbeat interval fails and re-queues trials whose
 (a node that vanished), then starts workers again for them. Store reads and writes are retried
 while the store is away (a PostgreSQL restart), for `reconnect_s` at most.
 
-With a deadline (`hpo run --timeout`, counted from the command's start) no trial starts once it has passed: each
-worker finishes and records the trial it is running, then exits; the launcher replaces no worker
-after it and stops as soon as its own workers are gone, without waiting for other nodes.
+With a deadline (`hpo run --timeout`, counted from the command's start) no trial starts once it
+has passed: each worker finishes and records the trial it is running, then exits; the launcher
+replaces no worker after it and stops as soon as its own workers are gone, without waiting for
+other nodes.
 """
 
 from __future__ import annotations

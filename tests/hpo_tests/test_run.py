@@ -335,7 +335,8 @@ def test_a_time_limit_starts_no_trial_after_it_and_finishes_the_running_ones(tmp
     assert "time limit of 10 s reached" in result.stderr
     # Each worker logs the deadline (UTC) when it stops; the trials' datetimes are UTC too.
     logs = [p.read_text() for p in (tmp_path / "runs" / f"hpo-{name}").glob("worker-*.log")]
-    found = {m for log in logs for m in re.findall(r"time limit of hpo run \((\S+)\) reached", log)}
+    pattern = r"time limit of hpo run \((\S+)\) reached"
+    found = {m for log in logs for m in re.findall(pattern, log)}
     assert len(found) == 1 and len(logs) == 2, logs
     deadline = datetime.fromisoformat(found.pop()).replace(tzinfo=None)
     trials = trials_of(url, name)
