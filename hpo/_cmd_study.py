@@ -371,12 +371,20 @@ def run(
 
 
 def _visible_gpu_count(device: str) -> int:
-    # No NVIDIA driver loaded: no GPU, and no need to import torch (1-2 s) in the launcher.
-    if device == "cpu" or not Path("/proc/driver/nvidia").exists():
+    """GPUs torch sees. With `auto` and no sign of an NVIDIA driver, 0 without importing torch
+    (1-2 s) in the launcher; `cuda` always asks torch, since sandboxes such as gVisor show the
+    GPU's device files but may have no /proc/driver/nvidia."""
+    if device == "cpu" or (device == "auto" and not _nvidia_driver_visible()):
         return 0
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _nvidia_driver_visible(root: Path = Path("/")) -> bool:
+    dev = root / "dev"
+    return ((root / "proc" / "driver" / "nvidia").exists() or (dev / "nvidiactl").exists()
+            or any(dev.glob("nvidia[0-9]*")))
 
 
 def _open_study(storage: str | None, study: str | None) -> tuple[Any, Any]:

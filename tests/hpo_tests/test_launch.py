@@ -217,3 +217,32 @@ def test_worker_spec_defaults_are_the_constants_they_name():
     assert defaults["heartbeat_interval_s"] == storage.HEARTBEAT_INTERVAL_S
     assert defaults["grace_period_s"] == storage.GRACE_PERIOD_S
     assert defaults["reconnect_s"] == storage.RECONNECT_S
+
+
+def test_device_cuda_asks_torch_even_where_proc_shows_no_nvidia_driver(monkeypatch):
+    # The lent GPU machines run in sandboxes (gVisor) that may have no /proc/driver/nvidia: there
+    # `--device cuda` must still find the GPUs torch sees, and `auto` too when /dev shows them.
+    import torch
+
+    from hpo import _cmd_study
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(_cmd_study, "_nvidia_driver_visible", lambda: False)
+    assert _cmd_study._visible_gpu_count("cuda") == 2
+    assert _cmd_study._visible_gpu_count("auto") == 0  # no driver in sight: torch not asked
+    assert _cmd_study._visible_gpu_count("cpu") == 0
+    monkeypatch.setattr(_cmd_study, "_nvidia_driver_visible", lambda: True)
+    assert _cmd_study._visible_gpu_count("auto") == 2
+
+
+def test_the_driver_is_seen_in_proc_or_dev(tmp_path):
+    from hpo._cmd_study import _nvidia_driver_visible
+
+    (tmp_path / "dev").mkdir()
+    assert not _nvidia_driver_visible(tmp_path)
+    (tmp_path / "dev" / "nvidia0").touch()  # gVisor's nvproxy: device files, no /proc entry
+    assert _nvidia_driver_visible(tmp_path)
+    (tmp_path / "dev" / "nvidia0").unlink()
+    (tmp_path / "proc" / "driver" / "nvidia").mkdir(parents=True)
+    assert _nvidia_driver_visible(tmp_path)
