@@ -73,8 +73,8 @@ def run(
             "--timeout",
             metavar="SECONDS",
             help="Start no trial once this many seconds have passed since the command started; "
-            "the trials running then finish and are recorded, and the command exits 0 with the budget not yet used up (run it "
-            "again to go on) [default: no limit].",
+            "the trials running then finish and are recorded, and the command exits 0 with the "
+            "budget not yet used up (run it again to go on) [default: no limit].",
             show_default=False,
         ),
     ] = None,

@@ -45,6 +45,7 @@ from hpo._study import (
     StudyCounts,
     best_trial,
     count_trials,
+    deadline_passed,
     fail_stale_trials,
     fail_trial,
     prune_checkpoints_or_warn,
@@ -362,7 +363,7 @@ class Launcher:
         self._signals.append(signum)
 
     def _time_up(self) -> bool:
-        return self.deadline is not None and time.time() >= self.deadline
+        return deadline_passed(self.deadline)
 
     def _start(self, slot: WorkerSlot) -> _Worker:
         seed = None if self.seed is None else self.seed + 7919 * self._n_started

@@ -285,6 +285,11 @@ def count_trials(trials: Sequence[FrozenTrial]) -> StudyCounts:
     )
 
 
+def deadline_passed(deadline: float | None) -> bool:
+    """Whether `deadline` (Unix time, `hpo run --timeout`; None: no limit) has passed."""
+    return deadline is not None and time.time() >= deadline
+
+
 def claim_trial(study: optuna.Study, budget: int,
                 deadline: float | None = None) -> optuna.Trial | None:
     """A new RUNNING trial if the study has fewer than `budget` trials used, else None; also None
@@ -309,7 +314,7 @@ def claim_trial(study: optuna.Study, budget: int,
             trials = study.get_trials(deepcopy=False)  # read again only when it changed
         if count_trials(trials).used >= budget:
             return None
-        if deadline is not None and time.time() >= deadline:  # the lock may have taken long
+        if deadline_passed(deadline):  # checked under the lock: waiting for it may have taken long
             return None
         trial = study.ask()
         try:

@@ -276,25 +276,22 @@ class _Worker:
             self.device_info["gpu_name"] = torch.cuda.get_device_name(self.device)
 
     def loop(self) -> int:
-        from hpo._study import claim_trial
+        from hpo._study import claim_trial, deadline_passed
 
         n_trials = 0
         n_errors = 0
+        deadline = self.spec.deadline
         while True:
             if self.signals.received is not None:
                 return EXIT_INTERRUPTED
             if n_trials >= self.spec.max_trials:
                 _logger.info("recycling after %d trials", n_trials)
                 return EXIT_RECYCLE
-            deadline = self.spec.deadline
-            trial = None
-            if deadline is None or time.time() < deadline:
-                trial = self.retry(
-                    lambda: claim_trial(self.study, self.spec.budget, self.spec.deadline),
-                    "claiming a trial",
-                )
+            trial = self.retry(
+                lambda: claim_trial(self.study, self.spec.budget, deadline), "claiming a trial"
+            )
             if trial is None:
-                if deadline is not None and time.time() >= deadline:
+                if deadline_passed(deadline):
                     _logger.info("time limit of hpo run (%s) reached; exiting",
                                  datetime.fromtimestamp(deadline, UTC).isoformat())
                 else:
