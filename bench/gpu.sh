@@ -71,23 +71,28 @@ run() {
 }
 
 step1() {
+    step "1. generation"
     python bench/generation.py --device "$DEVICE" --preset "$PRESET" --scenes "$GEN_SCENES" \
         | tee "$OUT/generation.jsonl"
 }
 step2() {
+    step "2. training throughput"
     python bench/train_throughput.py --device "$DEVICE" --presets "$PRESET" quick \
         --steps "$TT_STEPS" --repeats "$TT_REPEATS" | tee "$OUT/train_throughput.jsonl"
 }
 step3() {
+    step "3. trial profile ($PRESET)"
     python bench/trial_profile.py --device "$DEVICE" --preset "$PRESET" --threads 4 \
         | tee "$OUT/trial_profile.txt"
 }
 step4() {
+    step "4. localize one scene"
     python bench/localize.py --device "$DEVICE" --preset "$PRESET" --scenes "$LOC_SCENES" \
         --timed "$LOC_TIMED" | tee "$OUT/localize.jsonl"
 }
 step5() {
     local start end
+    step "5. one $PRESET trial"
     start=$(date +%s.%N)
     hpo train --preset "$PRESET" --device "$DEVICE" --out "$OUT/full-trial" --json \
         > "$OUT/full-trial.json" || return
@@ -105,6 +110,7 @@ PY
 }
 step6() {
     local limit start end code
+    step "6. hpo run on $DEVICE (up to $TRIALS trials, ${WORKERS[*]})"
     # What is left of the budget, less a minute for the trials running at the limit to end and
     # 90 s for step 7.
     limit=$(( BUDGET_S - SECONDS - 60 ))
@@ -160,6 +166,7 @@ PY
 }
 
 step7() {
+    step "7. torch.compile of the trunk ($PRESET)"
     python bench/train_throughput.py --device "$DEVICE" --presets "$PRESET" \
         --compile none default --steps "$TT_STEPS" --repeats 3 | tee "$OUT/compile.jsonl"
 }
@@ -169,15 +176,6 @@ for n in 1 2 3 4 5 6 7; do
         echo "!! stopped by a signal before step $n"
         FAILED+=("$n")
     elif wanted "$n"; then
-        case $n in
-            1) step "1. generation" ;;
-            2) step "2. training throughput" ;;
-            3) step "3. trial profile ($PRESET)" ;;
-            4) step "4. localize one scene" ;;
-            5) step "5. one $PRESET trial" ;;
-            6) step "6. hpo run on $DEVICE (up to $TRIALS trials, ${WORKERS[*]})" ;;
-            7) step "7. torch.compile of the trunk ($PRESET)" ;;
-        esac
         run "$n" "step$n"
     fi
 done
