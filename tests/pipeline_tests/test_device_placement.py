@@ -29,6 +29,28 @@ from pipeline._physics import Deployment
 from pipeline._train import _grad_scaler, _train_epoch, make_optimizer, validate
 
 
+def _clear_device_caches() -> None:
+    """Cached device tensors (grids, assignment tables, the quadratic fit) are made afresh, so
+    their construction is checked too, whatever ran before in this process."""
+    _evaluate._GRID_CACHE.clear()
+    _evaluate._quadratic_design.cache_clear()
+    _matching._assignments.cache_clear()
+
+
+def _cpu_training(config):
+    """The deployment, the model and one training epoch of `config` on the CPU."""
+    device = torch.device("cpu")
+    deployment = Deployment.build(config, device)
+    model = build_model(config, deployment)
+    optimizer, scheduler = make_optimizer(model, config)
+    scaler = _grad_scaler(config, device)
+
+    def epoch() -> dict[str, float]:
+        return _train_epoch(model, optimizer, scheduler, scaler, config, deployment, device, 1)
+
+    return deployment, model, epoch
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -39,20 +61,12 @@ from pipeline._train import _grad_scaler, _train_epoch, make_optimizer, validate
     ids=["default", "free-factor-head", "coherent-symbols"],
 )
 def test_the_step_and_validation_make_no_tensor_on_the_default_device(changes):
-    # Cached device tensors (grids, assignment tables, the quadratic fit) are made afresh, so
-    # their construction is checked too, whatever ran before in this process.
-    _evaluate._GRID_CACHE.clear()
-    _evaluate._quadratic_design.cache_clear()
-    _matching._assignments.cache_clear()
+    _clear_device_caches()
     config = dataclasses.replace(preset("smoke"), **changes)
-    device = torch.device("cpu")
-    deployment = Deployment.build(config, device)
-    model = build_model(config, deployment)
-    optimizer, scheduler = make_optimizer(model, config)
-    scaler = _grad_scaler(config, device)
+    deployment, model, epoch = _cpu_training(config)
     val = load_split(config, deployment, "val", 64)
     with torch.device("meta"):
-        terms = _train_epoch(model, optimizer, scheduler, scaler, config, deployment, device, 1)
+        terms = epoch()
         metrics = validate(model, val, config, deployment)
         again = load_split(config, deployment, "val", 64)
     assert all(math.isfinite(v) for v in terms.values())
@@ -70,9 +84,7 @@ def test_the_check_catches_a_tensor_made_without_a_device():
 def test_localizing_a_scene_makes_no_tensor_on_the_default_device():
     # What bench/localize.py and `hpo evaluate` run: the covariances, MDL's count, MUSIC with
     # refinement, and the metrics.
-    _evaluate._GRID_CACHE.clear()
-    _evaluate._quadratic_design.cache_clear()
-    _matching._assignments.cache_clear()
+    _clear_device_caches()
     config = preset("smoke")
     deployment = Deployment.build(config, torch.device("cpu"))
     scenes = load_split(config, deployment, "test", 16)
@@ -120,18 +132,14 @@ class _CountHostReads(TorchFunctionMode):
 
 def test_a_training_epoch_reads_back_to_the_host_once_whatever_its_number_of_steps():
     # No host synchronisation inside the step: the loss means and the finiteness flags stay on
-    # the device and are read once, after the epoch. Epochs of 2 and of 6 steps make the same
+    # the device and are read after the last step. Epochs of 2 and of 6 steps make the same
     # reads.
     sites = {}
     for n_steps in (2, 6):
         config = dataclasses.replace(preset("smoke"), n_train=n_steps * 16, batch_size=16)
-        device = torch.device("cpu")
-        deployment = Deployment.build(config, device)
-        model = build_model(config, deployment)
-        optimizer, scheduler = make_optimizer(model, config)
-        scaler = _grad_scaler(config, device)
+        _, _, epoch = _cpu_training(config)
         with _CountHostReads() as counter:
-            _train_epoch(model, optimizer, scheduler, scaler, config, deployment, device, 1)
+            epoch()
         sites[n_steps] = counter.sites
     assert sites[2] == sites[6], sites
     assert len(sites[6]) == 2, sites  # the flags, then the loss means, after the last step
