@@ -59,12 +59,24 @@ STOPPING=
 trap 'STOPPING=1' INT TERM
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
-# run N COMMAND...: step N's command; its failure is recorded and the script goes on.
+# run N COMMAND...: step N's command; its failure is recorded and the script goes on. Once a
+# signal has come, whenever it came, the step it came in counts as stopped and no step starts.
 run() {
     local n=$1; shift
+    if [ -n "$STOPPING" ]; then
+        echo "!! stopped by a signal before step $n"
+        FAILED+=("$n")
+        return
+    fi
     "$@"
     local code=$?
-    if [ "$code" != 0 ]; then
+    # bash runs the trap only when it sees a child die of the signal; `hpo run` takes SIGINT,
+    # records its trials and exits 130 (143 for SIGTERM), which bash takes for a handled signal.
+    case $code in 130|143) STOPPING=1 ;; esac
+    if [ -n "$STOPPING" ]; then
+        echo "!! step $n stopped by a signal (exit $code)"
+        FAILED+=("$n")
+    elif [ "$code" != 0 ]; then
         echo "!! step $n failed (exit $code)"
         FAILED+=("$n")
     fi
@@ -127,6 +139,7 @@ step6() {
     else
         : > "$OUT/gpu-util.csv"
     fi
+    [ -z "$STOPPING" ] || return 130  # a signal came while the step was setting up
     start=$(date +%s.%N)
     # inside $OUT: the study's worker logs and checkpoints (runs/) land there too; `tee -i`
     # outlives a SIGINT to the group, so hpo run can still say what it recorded
@@ -172,12 +185,7 @@ step7() {
 }
 
 for n in 1 2 3 4 5 6 7; do
-    if [ -n "$STOPPING" ] && wanted "$n"; then
-        echo "!! stopped by a signal before step $n"
-        FAILED+=("$n")
-    elif wanted "$n"; then
-        run "$n" "step$n"
-    fi
+    if wanted "$n"; then run "$n" "step$n"; fi
 done
 echo; echo "all results in $OUT/ ($SECONDS s)"
 if [ "${#FAILED[@]}" != 0 ]; then

@@ -77,11 +77,9 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path):
     assert not (out / "generation.jsonl").exists()
 
 
-@pytest.mark.slow
-def test_a_signal_stops_the_running_step_and_skips_the_rest(tmp_path):
-    # bench/gpu_device.sh stops gpu.sh with `timeout -s INT` at its deadline: the signal reaches
-    # the whole process group. Sent while step 6 starts `hpo run`, it ends that step (hpo run
-    # records its trials) and step 7 is skipped, not started.
+def _signal_during_step_6(tmp_path: Path, ready) -> tuple[int, str, Path]:
+    """Run steps 6 and 7, send SIGINT to the script's process group once `ready(out)` is true
+    (polled after step 6's heading), and return the exit status, the output and OUT."""
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "STEPS": "6 7",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -94,15 +92,43 @@ def test_a_signal_stops_the_running_step_and_skips_the_rest(tmp_path):
             line = proc.stdout.readline()
             assert line, seen
             seen += line
-        time.sleep(1.5)  # hpo run is starting: it takes seconds before its first trial ends
+        deadline = time.monotonic() + 120
+        while not ready(out):
+            assert proc.poll() is None and time.monotonic() < deadline, seen
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    text = seen + rest
-    assert proc.returncode == 1, text
-    assert "!! step 6 failed (exit 130)" in text
+    return proc.returncode, seen + rest, out
+
+
+def _stopped_in_step_6(code: int, text: str, out: Path) -> None:
+    assert code == 1, text
+    assert "!! step 6 stopped by a signal" in text
     assert "!! stopped by a signal before step 7" in text and "== 7." not in text
     assert text.rstrip().splitlines()[-1].startswith('failed steps: 6 7 (rerun them alone')
     assert not (out / "compile.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_running_step_and_skips_the_rest(tmp_path):
+    # bench/gpu_device.sh stops gpu.sh with `timeout -s INT` at its deadline: the signal reaches
+    # the whole process group. Sent once step 6's `hpo run` has started its workers, it ends that
+    # step (hpo run records its trials and exits 130) and step 7 is skipped, not started.
+    def workers_started(out: Path) -> bool:
+        return any((out / "runs" / "hpo-gpu-bench").glob("worker-*.log"))
+
+    code, text, out = _signal_during_step_6(tmp_path, workers_started)
+    _stopped_in_step_6(code, text, out)
+    assert "!! step 6 stopped by a signal (exit 130)" in text
+    assert "interrupted" in (out / "run.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_signal_before_hpo_run_starts_stops_the_same_way(tmp_path):
+    # The same signal sent as step 6 begins, before `hpo run` exists to take it: the step still
+    # counts as stopped and step 7 is skipped, whatever the step's command made of it.
+    code, text, out = _signal_during_step_6(tmp_path, lambda out: True)
+    _stopped_in_step_6(code, text, out)
