@@ -1,0 +1,471 @@
+"""Coded sparse Bayesian learning (SBL), the strongest classical reference (SYSTEM.md §5).
+
+Snapshot l of a scene is y_l = Phi_l x_l + n_l with Phi_l = G diag(c_l). SBL models the field as
+a sum over grid points g of a(p_g) s_{g,l}, s_{g,l} ~ CN(0, gamma_g) independent across
+snapshots, with ONE set of grid powers gamma shared by all L snapshots; snapshot l sees it through
+its own dictionary D_l = Phi_l A(grid) (the pursuit's coded dictionary, `coded_dictionary`), so
+
+    y_l ~ CN(0, Sigma_l),   Sigma_l = D_l diag(gamma) D_l^H + sigma^2 I_M.
+
+1. Evidence fixed point (multi-dictionary SBL, Nannuru et al. arXiv 1704.00436):
+   gamma_g <- gamma_g * sum_l |d_lg^H Sigma_l^-1 y_l|^2 / sum_l d_lg^H Sigma_l^-1 d_lg,
+   the stationarity condition of the likelihood in gamma_g; the noise sigma^2 is re-estimated
+   each iteration from the residual outside the strongest peaks (Gerstoft et al., arXiv
+   1602.09120). On the full grid, Sigma_l and the denominators are two real GEMMs of the scenes'
+   gamma (resp. Sigma^-1) against one cached basis of the atoms' outer products; after
+   `prune_after` iterations only the `n_kept` strongest grid points of each scene stay.
+2. Candidates: the strongest local maxima of gamma on the grid.
+3. Off-grid refinement by maximum likelihood, each source's power shared across snapshots: a
+   source's gain is max_p sum_l [p q_l / (1 + p s_l) - log(1 + p s_l)], the drop in the negative
+   log-likelihood sum_l (log det Sigma_l + y_l^H Sigma_l^-1 y_l) it buys with the others fixed
+   (q_l = |d_l^H Q_l^-1 y_l|^2, s_l = d_l^H Q_l^-1 d_l, Q_l the model without it). A pattern
+   search over a 3 x 3 x 3 stencil with a quadratic step (as in the pursuit) climbs it; a sweep
+   lets each source jump to a kept grid point of higher gain, which repairs peaks that SBL split.
+4. Count (when K is not given): start from max_sources refined candidates and drop the source of
+   least gain while that gain is below `count_threshold` nats, refining the rest after each drop.
+
+Every scene of a chunk runs together; the device is the measurements'.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from pipeline._config import ExperimentConfig, replace
+from pipeline._evaluate import (
+    Localization,
+    MusicGrid,
+    _clamp,
+    _local_maxima,
+    _local_offsets,
+    _quadratic_step,
+    _squared_magnitude,
+    music_grid,
+)
+from pipeline._physics import Deployment
+from pipeline._pursuit import _coded_atoms, _least_squares, coded_dictionary
+
+_TINY = 1e-12
+_STENCIL_POINTS = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class SblSettings:
+    """Knobs of coded SBL; defaults chosen on validation scenes (bench/sbl_tune.py, RESULTS.md)."""
+
+    grid_step_deg: float = 3.0  # azimuth and elevation spacing of the SBL grid, degrees
+    n_grid_range: int = 6  # SBL grid points in inverse range
+    n_iterations: int = 25  # evidence fixed-point iterations in all
+    prune_after: int = 4  # iterations on the full grid before pruning
+    n_kept: int = 300  # grid points kept per scene after pruning
+    refine_rounds: int = 8  # pattern-search rounds of the likelihood refinement
+    count_threshold: float = 10.0  # nats: a source whose gain is below this is dropped
+
+    def __post_init__(self) -> None:
+        if not self.grid_step_deg > 0:
+            raise ValueError(f"grid_step_deg must be > 0, but got {self.grid_step_deg=}")
+        for name in ("n_grid_range", "n_iterations", "n_kept"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, but got {getattr(self, name)}")
+        if not 0 <= self.prune_after <= self.n_iterations:
+            raise ValueError(f"prune_after must be in 0..n_iterations, but got "
+                             f"{self.prune_after=}")
+        if self.refine_rounds < 0:
+            raise ValueError(f"refine_rounds must be >= 0, but got {self.refine_rounds=}")
+
+
+def sbl_grid_config(config: ExperimentConfig, settings: SblSettings) -> ExperimentConfig:
+    """The config whose MUSIC grid is SBL's grid (same field of view, SBL's spacing)."""
+
+    def points(half_width_deg: float) -> int:
+        return max(1, round(2.0 * half_width_deg / settings.grid_step_deg) + 1)
+
+    return replace(config, music_grid_azimuth=points(config.azimuth_max_deg),
+                   music_grid_elevation=points(config.elevation_max_deg),
+                   music_grid_range=settings.n_grid_range)
+
+
+# key: ids of the grid's atoms; the value keeps them alive so that ids are not reused.
+_BASIS_CACHE: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_BASIS_CACHE_SIZE = 2
+
+
+def _upper(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(n, n, 1, device=device)
+    return rows, cols
+
+
+def _outer_basis(atoms_conj: torch.Tensor) -> torch.Tensor:
+    """Real basis of the atoms' outer products d d^H: (L * M^2, n_grid) float32, cached.
+
+    Per snapshot the M^2 rows are |d_m|^2 (M rows), then Re and Im of d_m conj(d_n) for m < n,
+    so Sigma_l = sum_g gamma_g d_g d_g^H is basis @ gamma and sum_mn conj(d_m) S_mn d_n is the
+    matching weighting of the basis for Hermitian S.
+    """
+    key = id(atoms_conj)
+    cached = _BASIS_CACHE.get(key)
+    if cached is not None:
+        _BASIS_CACHE.move_to_end(key)
+        return cached[1]
+    atoms = atoms_conj.conj().resolve_conj()  # (L, M, G)
+    rows, cols = _upper(atoms.shape[1], atoms.device)
+    outer = atoms[:, rows, :] * atoms_conj[:, cols, :]  # d_m conj(d_n), (L, P, G)
+    basis = torch.cat([_squared_magnitude(atoms), outer.real, outer.imag], dim=1)
+    basis = basis.reshape(-1, atoms.shape[-1]).contiguous()
+    _BASIS_CACHE[key] = (atoms_conj, basis)
+    while len(_BASIS_CACHE) > _BASIS_CACHE_SIZE:
+        _BASIS_CACHE.popitem(last=False)
+    return basis
+
+
+def _hermitian_from_basis(flat: torch.Tensor, n_snap: int, n_meas: int, noise: torch.Tensor
+                          ) -> torch.Tensor:
+    """(b, L * M^2) basis coordinates -> (b, L, M, M) complex64 matrix, plus noise (b,) * I."""
+    n_batch = flat.shape[0]
+    flat = flat.view(n_batch, n_snap, n_meas * n_meas)
+    n_pairs = n_meas * (n_meas - 1) // 2
+    diag = flat[..., :n_meas] + noise[:, None, None]
+    upper = torch.complex(flat[..., n_meas:n_meas + n_pairs], flat[..., n_meas + n_pairs:])
+    rows, cols = _upper(n_meas, flat.device)
+    matrix = torch.zeros(n_batch, n_snap, n_meas, n_meas, dtype=torch.complex64,
+                         device=flat.device)
+    matrix[..., rows, cols] = upper
+    matrix[..., cols, rows] = upper.conj()
+    index = torch.arange(n_meas, device=flat.device)
+    matrix[..., index, index] = diag.to(torch.complex64)
+    return matrix
+
+
+def _basis_weights(inverse: torch.Tensor) -> torch.Tensor:
+    """Hermitian (b, L, M, M) -> (b, L * M^2) with (weights @ basis)_g = sum_l d^H S_l d."""
+    n_meas = inverse.shape[-1]
+    rows, cols = _upper(n_meas, inverse.device)
+    diag = torch.diagonal(inverse, dim1=-2, dim2=-1).real
+    upper = inverse[..., rows, cols]
+    return torch.cat([diag, 2.0 * upper.real, 2.0 * upper.imag], dim=-1).flatten(1)
+
+
+def _inverse(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of Hermitian positive definite matrices (..., M, M) via Cholesky."""
+    factor = torch.linalg.cholesky(matrix)
+    return torch.cholesky_inverse(factor)
+
+
+def _top_peaks(gamma: torch.Tensor, shape: tuple[int, int, int], n_peaks: int) -> torch.Tensor:
+    """Flat grid indices (b, n_peaks) of the strongest local maxima of gamma (b, n_grid)."""
+    volume = gamma.view(-1, *shape)
+    peaks = _local_maxima(volume).view(gamma.shape)
+    return torch.where(peaks, gamma, -1.0).topk(n_peaks, dim=-1).indices
+
+
+def _gather_atoms(dictionary: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Atoms (L, M, n_grid) at flat grid indices (b, n) -> (b, L, M, n)."""
+    return dictionary[:, :, index].permute(2, 0, 1, 3)
+
+
+def _grid_points(index: torch.Tensor, grid: MusicGrid) -> torch.Tensor:
+    """(..., 3) points (az, el, 1/r) of flat grid indices."""
+    n_az, n_el = grid.azimuth_rad.numel(), grid.elevation_rad.numel()
+    return torch.stack([grid.azimuth_rad[index % n_az], grid.elevation_rad[(index // n_az) % n_el],
+                        grid.inverse_range[index // (n_az * n_el)]], dim=-1)
+
+
+def _residual_noise(y: torch.Tensor, atoms: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """sigma^2 = mean_l ||P_perp y_l||^2 / (M - K): the residual outside the K active atoms.
+
+    y (b, L, M), atoms (b, L, M, K), active (b, K). Returns (b,) float32, floored at 1e-6 of
+    the measurements' power.
+    """
+    amplitudes = _least_squares(atoms, y, active)
+    columns = atoms * active[:, None, None, :].to(atoms.dtype)
+    residual = y - (columns @ amplitudes[..., None]).squeeze(-1)
+    n_meas = y.shape[-1]
+    dof = (n_meas - active.sum(-1)).clamp_min(1).to(torch.float32)
+    power = _squared_magnitude(y).mean(dim=(1, 2))
+    noise = _squared_magnitude(residual).sum(-1).mean(-1) / dof
+    return torch.maximum(noise, 1e-6 * power)
+
+
+def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_peaks: int,
+                settings: SblSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The evidence iterations on one chunk.
+
+    y (b, L, M) complex64. Returns gamma on the kept points (b, n_kept), their flat grid indices
+    (b, n_kept), and the noise estimate (b,).
+    """
+    n_batch, n_snap, n_meas = y.shape
+    n_grid = atoms_conj.shape[-1]
+    basis = _outer_basis(atoms_conj)
+    dictionary = atoms_conj.conj().resolve_conj()
+    norms = _squared_magnitude(atoms_conj).sum(1)  # (L, G)
+    # Start: each point's power as a lone source would explain it, noise a tenth of the power.
+    correlation = torch.bmm(y.transpose(0, 1), atoms_conj)  # (L, b, G)
+    gamma = (_squared_magnitude(correlation) / norms[:, None, :].square()).mean(0)
+    power = _squared_magnitude(y).mean(dim=(1, 2))
+    noise = 0.1 * power
+    kept = torch.arange(n_grid, device=y.device).expand(n_batch, n_grid)
+    atoms = None  # (b, L, M, n_kept) once pruned
+    for iteration in range(settings.n_iterations):
+        if iteration == settings.prune_after and settings.n_kept < n_grid:
+            gamma, order = gamma.topk(settings.n_kept, dim=-1)
+            kept = order
+            atoms = _gather_atoms(dictionary, kept)  # (b, L, M, n_kept)
+        if atoms is None:
+            sigma = _hermitian_from_basis(gamma @ basis.T, n_snap, n_meas, noise)
+            inverse = _inverse(sigma)
+            denominator = _basis_weights(inverse) @ basis  # (b, G)
+            weighted = (inverse @ y[..., None]).squeeze(-1)  # (b, L, M)
+            numerator = _squared_magnitude(
+                torch.bmm(weighted.transpose(0, 1), atoms_conj)).sum(0)
+        else:
+            sigma = (atoms * gamma[:, None, None, :].to(atoms.dtype)) @ atoms.conj().transpose(
+                -2, -1)
+            index = torch.arange(n_meas, device=y.device)
+            sigma[..., index, index] += noise[:, None, None].to(sigma.dtype)
+            inverse = _inverse(sigma)
+            solved = inverse @ atoms  # (b, L, M, n_kept)
+            denominator = (atoms.conj() * solved).real.sum(dim=(1, 2))
+            weighted = (inverse @ y[..., None]).squeeze(-1)
+            numerator = _squared_magnitude(
+                (weighted[..., None, :].conj() @ atoms).squeeze(-2)).sum(1)
+        gamma = gamma * numerator / denominator.clamp_min(_TINY)
+        # Noise from the residual outside the strongest peaks (on the kept points' volume).
+        full = gamma.new_zeros(n_batch, n_grid).scatter(1, kept, gamma)
+        peaks = _top_peaks(full, grid.shape, n_peaks)  # (b, n_peaks)
+        peak_atoms = _gather_atoms(dictionary, peaks)
+        active = torch.ones(n_batch, n_peaks, dtype=torch.bool, device=y.device)
+        noise = _residual_noise(y, peak_atoms, active)
+    return gamma, kept, noise
+
+
+def _model_covariance(atoms: torch.Tensor, power: torch.Tensor, noise: torch.Tensor
+                      ) -> torch.Tensor:
+    """Sigma_l = sum_k p_k d_k d_k^H + sigma^2 I.
+
+    atoms (b, L, M, K), power (b, K), noise (b,) -> (b, L, M, M) complex64.
+    """
+    sigma = (atoms * power[:, None, None, :].to(atoms.dtype)) @ atoms.conj().transpose(-2, -1)
+    index = torch.arange(atoms.shape[2], device=atoms.device)
+    sigma[..., index, index] += noise[:, None, None].to(sigma.dtype)
+    return sigma
+
+
+def _leave_one_out(atoms: torch.Tensor, power: torch.Tensor, noise: torch.Tensor,
+                   y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q_k^-1 and Q_k^-1 y for every source k, Q_k the model without k.
+
+    atoms (b, L, M, K), power (b, K) (0 where inactive), noise (b,), y (b, L, M).
+    Returns (b, K, L, M, M) and (b, K, L, M).
+    """
+    n_sources = atoms.shape[-1]
+    keep = 1.0 - torch.eye(n_sources, device=atoms.device)  # (K, K): row k drops source k
+    powers = power[:, None, :] * keep  # (b, K, K)
+    flat_atoms = atoms[:, None].expand(-1, n_sources, -1, -1, -1).flatten(0, 1)
+    sigma = _model_covariance(flat_atoms, powers.flatten(0, 1), noise.repeat_interleave(n_sources))
+    inverse = _inverse(sigma).view(atoms.shape[0], n_sources, *sigma.shape[1:])
+    weighted = (inverse @ y[:, None, :, :, None]).squeeze(-1)
+    return inverse, weighted
+
+
+def _gains(inverse: torch.Tensor, weighted: torch.Tensor, candidates: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate's likelihood gain and power against a model without it.
+
+    inverse (P, L, M, M) = Q^-1, weighted (P, L, M) = Q^-1 y, candidates (P, S, L, M) coded atoms.
+    Returns gain (P, S) in nats, max over p >= 0 of sum_l [p q_l/(1 + p s_l) - log(1 + p s_l)],
+    and the maximising power (P, S).
+    """
+    solved = torch.einsum("plmn,psln->pslm", inverse, candidates)
+    s = (candidates.conj() * solved).real.sum(-1).clamp_min(_TINY)  # (P, S, L)
+    q = _squared_magnitude(torch.einsum("pslm,plm->psl", candidates.conj(), weighted))
+    # Start from the optimum for equal s_l, then fixed-point steps of the exact condition
+    # sum_l q_l / (1 + p s_l)^2 = sum_l s_l / (1 + p s_l).
+    p = ((q - s).sum(-1) / s.square().sum(-1)).clamp_min(0.0)
+    for _ in range(6):
+        denominator = 1.0 + p[..., None] * s
+        p = p * (q / denominator.square()).sum(-1) / (s / denominator).sum(-1)
+    ps = p[..., None] * s
+    gain = (p[..., None] * q / (1.0 + ps) - torch.log1p(ps)).sum(-1)
+    return gain.clamp_min(0.0), p
+
+
+def _refine(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor, noise: torch.Tensor,
+            y: torch.Tensor, deployment: Deployment, grid: MusicGrid, n_rounds: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pattern search of every active source on its likelihood gain, the others fixed (Jacobi).
+
+    points (b, K, 3), power (b, K), active (b, K), noise (b,). The stencil starts at +-1 grid step;
+    a source whose best point is the centre (or that took the quadratic's step) halves its step.
+    After each round the noise is re-estimated from the residual. Returns points, power, noise.
+    """
+    scene, slot = active.nonzero(as_tuple=True)
+    if scene.numel() == 0 or n_rounds == 0:
+        return points, power, noise
+    offsets = _local_offsets(_STENCIL_POINTS, points.device)
+    middle = offsets.shape[0] // 2
+    step = grid.step.expand(scene.numel(), 3).clone()
+    for _ in range(n_rounds):
+        atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)  # (b, L, M, K)
+        inverse, weighted = _leave_one_out(atoms, power * active, noise, y)
+        inverse, weighted = inverse[scene, slot], weighted[scene, slot]
+        centre = points[scene, slot]
+        candidates = _clamp(centre[:, None, :] + offsets * step[:, None, :], grid)
+        local, local_power = _gains(inverse, weighted, _coded_atoms(candidates, deployment))
+        value, best = local.max(dim=-1)
+        moved = candidates.gather(1, best[:, None, None].expand(-1, 1, 3)).squeeze(1)
+        moved_power = local_power.gather(1, best[:, None]).squeeze(1)
+        newton = _quadratic_step(local[:, None, :], best[:, None], _STENCIL_POINTS)[:, 0]
+        proposal = _clamp(moved + newton * step, grid)
+        proposed, proposed_power = _gains(inverse, weighted,
+                                          _coded_atoms(proposal[:, None, :], deployment))
+        better = proposed[:, 0] > value
+        moved = torch.where(better[:, None], proposal, moved)
+        moved_power = torch.where(better, proposed_power[:, 0], moved_power)
+        points = points.index_put((scene, slot), moved)
+        power = power.index_put((scene, slot), moved_power)
+        settled = (value <= local[:, middle]) | better
+        step = torch.where(settled[:, None], step / 2.0, step)
+        atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)
+        noise = _residual_noise(y, atoms, active)
+    return points, power, noise
+
+
+def _jump(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor, noise: torch.Tensor,
+          y: torch.Tensor, deployment: Deployment, kept_points: torch.Tensor,
+          kept_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sweep over the sources in turn (Gauss-Seidel): each moves to the kept grid point of
+    highest gain where that beats its own gain, the others fixed.
+
+    kept_points (b, n_kept, 3) and kept_atoms (b, n_kept, L, M): the grid points SBL kept.
+    Returns points and power.
+    """
+    for k in range(points.shape[1]):
+        if not active[:, k].any():
+            continue
+        atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)
+        others = power * active
+        others[:, k] = 0.0
+        sigma = _model_covariance(atoms, others, noise)
+        inverse = _inverse(sigma)
+        weighted = (inverse @ y[..., None]).squeeze(-1)
+        own, own_power = _gains(inverse, weighted, atoms[..., k].unsqueeze(1))
+        grid_gain, grid_power = _gains(inverse, weighted, kept_atoms)
+        best_gain, best = grid_gain.max(-1)
+        better = active[:, k] & (best_gain > own[:, 0])
+        target = kept_points.gather(1, best[:, None, None].expand(-1, 1, 3)).squeeze(1)
+        points[:, k] = torch.where(better[:, None], target, points[:, k])
+        power[:, k] = torch.where(better, grid_power.gather(1, best[:, None]).squeeze(1),
+                                  own_power[:, 0])
+    return points, power
+
+
+def _source_gains(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
+                  noise: torch.Tensor, y: torch.Tensor, deployment: Deployment) -> torch.Tensor:
+    """Each active source's leave-one-out gain in nats (b, K); +inf where inactive."""
+    atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)  # (b, L, M, K)
+    inverse, weighted = _leave_one_out(atoms, power * active, noise, y)
+    own = atoms.permute(0, 3, 1, 2)  # (b, K, L, M)
+    gain, _ = _gains(inverse.flatten(0, 1), weighted.flatten(0, 1), own.flatten(0, 1)[:, None])
+    gain = gain.view(points.shape[:2])
+    return torch.where(active, gain, math.inf)
+
+
+def _localize_chunk(y: torch.Tensor, n_sources: torch.Tensor | None, deployment: Deployment,
+                    grid: MusicGrid, atoms_conj: torch.Tensor, k_max: int,
+                    settings: SblSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
+    """SBL, refinement and count on one chunk: points (b, k_max, 3), power (b, k_max),
+    active (b, k_max), and the noise (b,)."""
+    n_batch = y.shape[0]
+    n_peaks = k_max
+    gamma, kept, noise = _sbl_powers(y, atoms_conj, grid, n_peaks, settings)
+    n_grid = atoms_conj.shape[-1]
+    full = gamma.new_zeros(n_batch, n_grid).scatter(1, kept, gamma)
+    peaks = _top_peaks(full, grid.shape, n_peaks)
+    points = _grid_points(peaks, grid)  # (b, k_max, 3)
+    power = full.gather(1, peaks)
+    slots = torch.arange(k_max, device=y.device)
+    if n_sources is None:
+        active = torch.ones(n_batch, k_max, dtype=torch.bool, device=y.device)
+    else:
+        active = slots[None, :] < n_sources[:, None]
+    power = power * active
+    kept_points = _grid_points(kept, grid)
+    dictionary = atoms_conj.conj().resolve_conj()
+    kept_atoms = _gather_atoms(dictionary, kept).permute(0, 3, 1, 2)  # (b, n_kept, L, M)
+    rounds = settings.refine_rounds
+    points, power, noise = _refine(points, power, active, noise, y, deployment, grid, rounds)
+    points, power = _jump(points, power, active, noise, y, deployment, kept_points, kept_atoms)
+    points, power, noise = _refine(points, power, active, noise, y, deployment, grid, rounds)
+    if n_sources is None:
+        for _ in range(k_max - 1):
+            gain = _source_gains(points, power, active, noise, y, deployment)
+            weakest, slot = gain.min(-1)
+            drop = (weakest < settings.count_threshold) & (active.sum(-1) > 1)
+            if not drop.any():
+                break
+            active = active.clone()
+            active[drop, slot[drop]] = False
+            power = power * active
+            points, power, noise = _refine(points, power, active, noise, y, deployment, grid,
+                                           max(1, rounds // 4))
+    return points, power * active, active, noise
+
+
+def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
+                             config: ExperimentConfig, *, n_sources: torch.Tensor | None = None,
+                             settings: SblSettings | None = None, chunk_size: int = 32
+                             ) -> Localization:
+    """Coded SBL with likelihood refinement; its own count unless n_sources is given.
+
+    measurements: (B, L, M) complex, the BS measurements of each scene (any scale).
+    n_sources: None (SBL counts, rule of the module docstring) or (B,) int, the count to use,
+    clipped to 0..config.max_sources.
+    Returns a Localization with config.max_sources slots, the first K_hat valid, strongest first;
+    `score` is each source's share of the measurement power, p_k mean_l ||Phi_l a_k||^2 /
+    mean_l ||y_l||^2. Runs on the measurements' device, float32 / complex64.
+    """
+    if measurements.ndim != 3:
+        raise ValueError(f"measurements must be (B, L, M), but got {tuple(measurements.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, but got {chunk_size=}")
+    settings = settings or SblSettings()
+    k_max = config.max_sources
+    device = measurements.device
+    grid_config = sbl_grid_config(config, settings)
+    grid = music_grid(grid_config, deployment)
+    atoms_conj, _ = coded_dictionary(grid_config, deployment)
+    if n_sources is not None:
+        n_sources = n_sources.to(device=device, dtype=torch.long).clamp(0, k_max)
+    measurements = measurements.to(torch.complex64)
+    points, scores, masks = [], [], []
+    with torch.no_grad():
+        for start in range(0, measurements.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            y = measurements[part]
+            k_hat = None if n_sources is None else n_sources[part]
+            point, power, active, _ = _localize_chunk(y, k_hat, deployment, grid, atoms_conj,
+                                                      k_max, settings)
+            energy = _squared_magnitude(_coded_atoms(point, deployment)).sum(-1).mean(-1)
+            total = _squared_magnitude(y).sum(-1).mean(-1).clamp_min(_TINY)
+            share = torch.where(active, power * energy / total[:, None], -1.0)
+            share, order = share.sort(dim=1, descending=True)
+            points.append(point.gather(1, order[..., None].expand(-1, -1, 3)))
+            masks.append(share >= 0.0)
+            scores.append(share.clamp_min(0.0))
+    if not points:
+        empty = torch.zeros(0, k_max, device=device)
+        return Localization(empty, empty, empty, empty.bool(), empty)
+    point, mask, score = torch.cat(points), torch.cat(masks), torch.cat(scores)
+    zero = torch.zeros((), device=device)
+    return Localization(
+        azimuth_rad=torch.where(mask, point[..., 0], zero),
+        elevation_rad=torch.where(mask, point[..., 1], zero),
+        range_m=torch.where(mask, 1.0 / point[..., 2].clamp_min(1e-6), zero),
+        mask=mask,
+        score=torch.where(mask, score, zero),
+    )
