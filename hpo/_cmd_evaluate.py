@@ -1,4 +1,4 @@
-"""`hpo evaluate`: a trained model against classical MUSIC, matching pursuit, the oracle and the CRB.
+"""`hpo evaluate`: a trained model against MUSIC, pursuit, coded SBL, the oracle and the CRB.
 
 The work is `pipeline._benchmark_eval.evaluate_model`; this module resolves the checkpoint, checks
 the output directory before anything runs, prints the tables and writes them as CSV, JSON and a
@@ -48,7 +48,7 @@ _COLUMNS = (
     ("el", "rmse_over_crb_elevation_deg", "{:.1f}"),
     ("r", "rmse_over_crb_range_m", "{:.1f}"),
 )
-_SHORT_LABELS = {"learned": "learned", "samp": "R_samp", "pursuit": "pursuit",
+_SHORT_LABELS = {"learned": "learned", "samp": "R_samp", "pursuit": "pursuit", "sbl": "SBL",
                  "oracle": "R_true", "crb": "CRB"}
 
 
@@ -154,7 +154,8 @@ def _write_plot(rows: list[dict[str, Any]], path: Path) -> None:
     panels = (("rmse_azimuth_deg", "azimuth RMSE (deg)"),
               ("rmse_elevation_deg", "elevation RMSE (deg)"),
               ("rmse_range_m", "range RMSE (m)"))
-    styles = {"learned": "o-", "samp": "s-", "pursuit": "^-", "oracle": "d-", "crb": "k--"}
+    styles = {"learned": "o-", "samp": "s-", "pursuit": "^-", "sbl": "v-", "oracle": "d-",
+              "crb": "k--"}
     for axis, (key, title) in zip(axes, panels):
         for method, style in styles.items():
             values = []
@@ -254,6 +255,8 @@ def evaluate(
         "methods": {"learned": "MUSIC on the learned R_blend, K from the K head",
                     "samp": "MUSIC on R_samp, K from MDL",
                     "pursuit": "orthogonal matching pursuit on the coded dictionary, K from MDL",
+                    "sbl": "coded sparse Bayesian learning with likelihood refinement, its own K "
+                           "(a threshold on each source's likelihood gain)",
                     "oracle": "MUSIC on R_true, true K",
                     "crb": "stochastic CRB, all positions, powers and noise variance unknown"},
         "rows": result.rows,

@@ -1,11 +1,13 @@
 """A trained model against the references (SYSTEM.md §5), per SNR bin and per K, on test scenes.
 
-Five rows on the same scenes:
+Six rows on the same scenes:
 
   learned   MUSIC on the learned R_blend with the K head's count
   samp      classical: MUSIC on R_samp with MDL's count (MDL is the classical reference for K)
   pursuit   classical: orthogonal matching pursuit on the measurements (`pipeline._pursuit`),
             with MDL's count
+  sbl       classical: coded sparse Bayesian learning with likelihood refinement
+            (`pipeline._sbl`), with its own count (a threshold on each source's likelihood gain)
   oracle    MUSIC on R_true with the true count
   crb       the Cramer-Rao bound of the measurement model (`pipeline._crb`, "joint": every
             position, power and the noise variance unknown), at the true sources
@@ -46,6 +48,7 @@ from pipeline._evaluate import (
 from pipeline._losses import covariances
 from pipeline._physics import Deployment
 from pipeline._pursuit import matching_pursuit
+from pipeline._sbl import sparse_bayesian_learning
 
 SNR_BIN_EDGES_DB = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
 SCENE_CHUNK = 250  # scenes drawn (and localized) together; part of the scene definition
@@ -53,10 +56,11 @@ METHODS: dict[str, str] = {
     "learned": "learned R_blend (K head)",
     "samp": "MUSIC on R_samp (MDL)",
     "pursuit": "matching pursuit (MDL)",
+    "sbl": "coded SBL (its own K)",
     "oracle": "MUSIC on R_true (true K)",
     "crb": "Cramer-Rao bound",
 }
-LOCALIZERS = ("learned", "samp", "pursuit", "oracle")
+LOCALIZERS = ("learned", "samp", "pursuit", "sbl", "oracle")
 _PARAMS = ("azimuth_deg", "elevation_deg", "range_m")
 
 
@@ -115,7 +119,7 @@ def _select(localization: Localization, index: torch.Tensor) -> Localization:
 def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment: Deployment, *,
                    n_scenes: int = 2000, seed: int = 0,
                    progress: Callable[[int, int], None] | None = None) -> EvaluationResult:
-    """Localize n_scenes fresh test scenes with the five rows of the module docstring.
+    """Localize n_scenes fresh test scenes with the six rows of the module docstring.
 
     model: a trained CovarianceNet in eval mode on the deployment's device (`load_model`).
     progress(done, total) is called after every chunk of scenes.
@@ -145,11 +149,15 @@ def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment:
         k_mdl = mdl_estimate(r_samp, config.n_snapshots, max_sources=config.max_sources)
         seconds["model"] += time.perf_counter() - tick
         inputs = {"learned": (r_blend, k_head), "samp": (r_samp, k_mdl),
-                  "pursuit": (batch.measurements, k_mdl), "oracle": (r_true, batch.n_sources)}
+                  "pursuit": (batch.measurements, k_mdl), "sbl": (batch.measurements, None),
+                  "oracle": (r_true, batch.n_sources)}
         for name, (data, k_hat) in inputs.items():
             tick = time.perf_counter()
             if name == "pursuit":
                 found[name].append(matching_pursuit(data, k_hat, deployment, config))
+            elif name == "sbl":
+                found[name].append(sparse_bayesian_learning(data, deployment, config))
+                k_hat = found[name][-1].n_sources  # its own count
             else:
                 found[name].append(music_localize(data, k_hat, deployment, config))
             counts[name].append(k_hat.clamp(1, config.max_sources))

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline._config import ExperimentConfig, replace
+from pipeline._errors import PipelineError
 from pipeline._evaluate import (
     Localization,
     MusicGrid,
@@ -47,7 +48,7 @@ from pipeline._evaluate import (
     music_grid,
 )
 from pipeline._physics import Deployment
-from pipeline._pursuit import _coded_atoms, _least_squares, coded_dictionary
+from pipeline._pursuit import _coded_atoms, coded_dictionary
 
 _TINY = 1e-12
 _STENCIL_POINTS = 3
@@ -150,8 +151,22 @@ def _basis_weights(inverse: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse(matrix: torch.Tensor) -> torch.Tensor:
-    """Inverse of Hermitian positive definite matrices (..., M, M) via Cholesky."""
-    factor = torch.linalg.cholesky(matrix)
+    """Inverse of Hermitian positive definite matrices (..., M, M) via Cholesky.
+
+    In float32 a strong source over a tiny noise floor can leave a matrix numerically
+    indefinite; those get a diagonal load of 1e-6, then 1e-4, of their mean diagonal.
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    for load in (1e-6, 1e-4):
+        failed = info != 0
+        if not failed.any():
+            break
+        scale = torch.diagonal(matrix, dim1=-2, dim2=-1).real.mean(-1)
+        eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        loaded = matrix + (load * scale * failed)[..., None, None] * eye
+        factor, info = torch.linalg.cholesky_ex(loaded)
+    if (info != 0).any():
+        raise PipelineError("coded SBL: a model covariance is not positive definite")
     return torch.cholesky_inverse(factor)
 
 
@@ -177,17 +192,24 @@ def _grid_points(index: torch.Tensor, grid: MusicGrid) -> torch.Tensor:
 def _residual_noise(y: torch.Tensor, atoms: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """sigma^2 = mean_l ||P_perp y_l||^2 / (M - K): the residual outside the K active atoms.
 
-    y (b, L, M), atoms (b, L, M, K), active (b, K). Returns (b,) float32, floored at 1e-6 of
-    the measurements' power.
+    y (b, L, M), atoms (b, L, M, K), active (b, K). Returns (b,) float32, floored at 1e-5 of
+    the measurements' power. Two sources on one point make the normal equations singular, so
+    they carry a small ridge (1e-4 of the mean diagonal), which leaves the residual as it is.
     """
-    amplitudes = _least_squares(atoms, y, active)
     columns = atoms * active[:, None, None, :].to(atoms.dtype)
-    residual = y - (columns @ amplitudes[..., None]).squeeze(-1)
+    gram = columns.conj().transpose(-2, -1) @ columns  # (b, L, K, K)
+    diagonal = torch.diagonal(gram, dim1=-2, dim2=-1).real
+    scale = diagonal.sum(-1, keepdim=True) / active.sum(-1).clamp_min(1)[:, None, None]
+    unused = (1.0 - active.to(gram.real.dtype))[:, None, :]
+    gram = gram + torch.diag_embed((unused + 1e-4) * scale.clamp_min(_TINY)).to(gram.dtype)
+    rhs = columns.conj().transpose(-2, -1) @ y[..., None]
+    amplitudes = torch.linalg.solve(gram, rhs)
+    residual = y - (columns @ amplitudes).squeeze(-1)
     n_meas = y.shape[-1]
     dof = (n_meas - active.sum(-1)).clamp_min(1).to(torch.float32)
     power = _squared_magnitude(y).mean(dim=(1, 2))
     noise = _squared_magnitude(residual).sum(-1).mean(-1) / dof
-    return torch.maximum(noise, 1e-6 * power)
+    return torch.maximum(noise, 1e-5 * power)
 
 
 def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_peaks: int,
@@ -427,7 +449,7 @@ def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
     clipped to 0..config.max_sources.
     Returns a Localization with config.max_sources slots, the first K_hat valid, strongest first;
     `score` is each source's share of the measurement power, p_k mean_l ||Phi_l a_k||^2 /
-    mean_l ||y_l||^2. Runs on the measurements' device, float32 / complex64.
+    mean_l ||y_l||^2, clipped to [0, 1] (noise can push an estimate just above 1). Runs on the measurements' device, float32 / complex64.
     """
     if measurements.ndim != 3:
         raise ValueError(f"measurements must be (B, L, M), but got {tuple(measurements.shape)}")
@@ -456,7 +478,7 @@ def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
             share, order = share.sort(dim=1, descending=True)
             points.append(point.gather(1, order[..., None].expand(-1, -1, 3)))
             masks.append(share >= 0.0)
-            scores.append(share.clamp_min(0.0))
+            scores.append(share.clamp(0.0, 1.0))
     if not points:
         empty = torch.zeros(0, k_max, device=device)
         return Localization(empty, empty, empty, empty.bool(), empty)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.hpo_tests._cli import invoke
 
-METHODS = {"learned", "samp", "pursuit", "oracle", "crb"}
+METHODS = {"learned", "samp", "pursuit", "sbl", "oracle", "crb"}
 
 
 def assert_one_line_error(result, fragment: str, code: int = 2) -> None:
@@ -40,7 +40,7 @@ def evaluated(checkpoint: Path, tmp_path_factory) -> Path:
                     "--device", "cpu", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "SNR 15..20 dB" in result.stdout and "K = 1" in result.stdout
-    assert "CRB" in result.stdout and "pursuit" in result.stdout
+    assert "CRB" in result.stdout and "pursuit" in result.stdout and "SBL" in result.stdout
     return out
 
 
@@ -53,7 +53,7 @@ def test_writes_csv_json_and_a_png(evaluated: Path) -> None:
     assert snr_bins and snr_bins <= {"-5..0", "0..5", "5..10", "10..15", "15..20"}
     assert {b for g, b in groups if g == "k"} <= {"1", "2", "3"}
     every = [r for r in rows if r["group"] == "all"]
-    assert len(every) == 5 and all(r["n_scenes"] == "40" for r in every)
+    assert len(every) == len(METHODS) and all(r["n_scenes"] == "40" for r in every)
     for row in rows:
         if row["method"] == "crb":
             assert row["k_accuracy"] == ""  # not a localizer

@@ -1,0 +1,127 @@
+"""Tune coded SBL's grid, iterations and count rule on VALIDATION scenes (never test scenes).
+
+Two stages, each on the same validation scenes of the preset (the `val` stream of
+`split_seeds(config.seed)`, disjoint from the train and test streams):
+
+1. search: one knob at a time away from the defaults of `SblSettings` (grid spacing, inverse-range
+   points, iterations, pruning), each scored with the TRUE K (success at >= 10 dB and overall)
+   and its cost per scene with one CPU thread, so that the search is chosen apart from the count.
+2. count: SBL's own K with `count_threshold` swept; K accuracy and success per SNR bin.
+
+    python bench/sbl_tune.py [--preset medium] [--scenes 300] [--stage search count]
+                             [--thresholds 4 6 8 10 14 20] [--out sbl_tune.json]
+
+Each configuration prints one JSON line as it finishes; --out collects them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from pipeline import preset
+from pipeline._data import load_split
+from pipeline._evaluate import localization_metrics
+from pipeline._physics import Deployment
+from pipeline._sbl import SblSettings, sparse_bayesian_learning
+
+# One knob at a time away from the defaults.
+SEARCH_VARIANTS: dict[str, dict] = {
+    "default": {},
+    "grid 4 deg": {"grid_step_deg": 4.0},
+    "grid 2.5 deg": {"grid_step_deg": 2.5},
+    "4 ranges": {"n_grid_range": 4},
+    "9 ranges": {"n_grid_range": 9},
+    "12 iterations": {"n_iterations": 12},
+    "40 iterations": {"n_iterations": 40},
+    "keep 150": {"n_kept": 150},
+    "keep 600": {"n_kept": 600},
+    "prune after 2": {"prune_after": 2},
+    "4 refine rounds": {"refine_rounds": 4},
+    "12 refine rounds": {"refine_rounds": 12},
+}
+SNR_BINS = ((-5.0, 0.0), (0.0, 5.0), (5.0, 10.0), (10.0, 15.0), (15.0, 20.01))
+
+
+def _score(found, scenes, k_hat, config) -> dict:
+    row = {}
+    high = scenes.snr_db >= 10.0
+    metrics = localization_metrics(found, scenes, k_hat, config=config)
+    row["success"] = metrics["success_rate"]
+    row["k_accuracy"] = metrics["k_accuracy"]
+    for low, top in SNR_BINS:
+        inside = ((scenes.snr_db >= low) & (scenes.snr_db < top)).nonzero().squeeze(-1)
+        part = _select(found, inside)
+        m = localization_metrics(part, scenes.select(inside), k_hat[inside], config=config)
+        row[f"success {low:g}..{min(top, 20):g}"] = m["success_rate"]
+        row[f"k_accuracy {low:g}..{min(top, 20):g}"] = m["k_accuracy"]
+    index = high.nonzero().squeeze(-1)
+    m = localization_metrics(_select(found, index), scenes.select(index), k_hat[index],
+                             config=config)
+    row["success >=10dB"] = m["success_rate"]
+    row["n >=10dB"] = int(index.numel())
+    return row
+
+
+def _select(found, index):
+    return type(found)(*(getattr(found, f.name)[index] for f in dataclasses.fields(found)))
+
+
+def _run(name, settings, scenes, deployment, config, *, true_k: bool) -> dict:
+    started = time.perf_counter()
+    found = sparse_bayesian_learning(scenes.measurements, deployment, config,
+                                     n_sources=scenes.n_sources if true_k else None,
+                                     settings=settings)
+    seconds = time.perf_counter() - started
+    k_hat = scenes.n_sources if true_k else found.n_sources
+    return {"variant": name, "true_k": true_k, "settings": dataclasses.asdict(settings),
+            "seconds_per_scene": seconds / scenes.size,
+            **_score(found, scenes, k_hat, config)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--scenes", type=int, default=300, help="validation scenes")
+    parser.add_argument("--stage", nargs="+", default=["search", "count"],
+                        choices=["search", "count"])
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="search variants to run [default: all]")
+    parser.add_argument("--thresholds", type=float, nargs="+",
+                        default=[4.0, 6.0, 8.0, 10.0, 14.0, 20.0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = preset(args.preset)
+    deployment = Deployment.build(config)
+    scenes = load_split(config, deployment, "val", args.scenes, chunk=250)
+    results = []
+
+    def report(row: dict) -> None:
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    if "search" in args.stage:
+        for name, changes in SEARCH_VARIANTS.items():
+            if args.variants and name not in args.variants:
+                continue
+            settings = SblSettings(**changes)
+            report(_run(name, settings, scenes, deployment, config, true_k=True))
+    if "count" in args.stage:
+        for threshold in args.thresholds:
+            settings = SblSettings(count_threshold=threshold)
+            report(_run(f"count_threshold {threshold:g}", settings, scenes, deployment, config,
+                        true_k=False))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"preset": args.preset, "split": "val", "n_scenes": args.scenes,
+                       "threads": args.threads, "results": results}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
