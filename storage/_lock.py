@@ -27,6 +27,7 @@ from storage._errors import StorageError
 from storage._retry import LockLostError
 
 _ADVISORY_NAMESPACE = 0x48504F  # "HPO": first key of the two-int advisory lock
+SCHEMA_NAMESPACE = 0x485053  # "HPS": the lock around creating the tables (storage._schema)
 LOCK_TIMEOUT_S = 120.0  # nobody holds the lock for more than a few database round trips
 _POLL_S = 0.05
 
@@ -54,21 +55,29 @@ def store_lock(
     """Hold the store-wide lock number `key` (e.g. a study id) for the body of the `with`."""
     dialect = storage.engine.dialect.name
     if dialect == "postgresql":
-        with _advisory_lock(storage.engine, key, timeout_s) as lease:
+        with advisory_lock(storage.engine, key, timeout_s) as lease:
             yield lease
     elif dialect == "sqlite":
         database = storage.engine.url.database
-        with _file_lock(f"{database}.lock", key, timeout_s):
+        with file_lock(f"{database}.lock", timeout_s, what=f"store lock {key}"):
             yield StoreLease()  # flock dies only with its process
     else:
         raise StorageError(f"no store lock for {dialect} stores")
 
 
 @contextlib.contextmanager
-def _advisory_lock(engine: sqlalchemy.Engine, key: int, timeout_s: float) -> Iterator[StoreLease]:
+def advisory_lock(
+    engine: sqlalchemy.Engine,
+    key: int,
+    timeout_s: float,
+    *,
+    namespace: int = _ADVISORY_NAMESPACE,
+    what: str | None = None,
+) -> Iterator[StoreLease]:
+    """PostgreSQL session-level advisory lock (`namespace`, `key`) on a connection of its own."""
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="AUTOCOMMIT")
-        args = {"space": _ADVISORY_NAMESPACE, "key": int(key)}
+        args = {"space": namespace, "key": int(key)}
         try_lock = sqlalchemy.text("SELECT pg_try_advisory_lock(:space, :key)")
         held = sqlalchemy.text(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
@@ -78,7 +87,7 @@ def _advisory_lock(engine: sqlalchemy.Engine, key: int, timeout_s: float) -> Ite
         while not connection.execute(try_lock, args).scalar():
             if time.monotonic() > deadline:
                 raise StorageError(
-                    f"timed out after {timeout_s:.0f} s waiting for store lock {key}"
+                    f"timed out after {timeout_s:.0f} s waiting for {what or f'store lock {key}'}"
                 )
             time.sleep(_POLL_S)
         try:
@@ -96,7 +105,8 @@ def _advisory_lock(engine: sqlalchemy.Engine, key: int, timeout_s: float) -> Ite
 
 
 @contextlib.contextmanager
-def _file_lock(path: str, key: int, timeout_s: float) -> Iterator[None]:
+def file_lock(path: str, timeout_s: float, *, what: str) -> Iterator[None]:
+    """An exclusive `flock` on `path` (created if missing); `what` names it in the timeout error."""
     # One file for all keys: claims are short, and SQLite has one writer at a time anyway.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -108,7 +118,7 @@ def _file_lock(path: str, key: int, timeout_s: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise StorageError(
-                        f"timed out after {timeout_s:.0f} s waiting for store lock {key} ({path})"
+                        f"timed out after {timeout_s:.0f} s waiting for {what} ({path})"
                     ) from None
                 time.sleep(_POLL_S)
         try:

@@ -37,6 +37,7 @@ from storage._errors import (
     StorageUnreachableError,
 )
 from storage._retry import MAX_PAUSE_S
+from storage._schema import foreign_schema, schema_lock, schema_ready
 from storage._url import StoreLocation, parse_url
 
 _logger = logging.getLogger(__name__)
@@ -81,18 +82,39 @@ def open_storage(
     else:
         _probe_postgres(location, retries=retries, backoff_s=backoff_s, patience_s=patience_s)
         engine_kwargs = _postgres_engine_kwargs()
+    with warnings.catch_warnings():
+        # Heartbeats are flagged experimental; the flag is noise in every command's output.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        heartbeat_kwargs: dict[str, Any] = {}
+        if heartbeat:
+            heartbeat_kwargs = {
+                "heartbeat_interval": heartbeat_interval_s,
+                "grace_period": grace_period_s,
+                "heartbeat_stale_trial_callback": stale_trial_callback
+                or RetryHeartbeatStaleTrialCallback(max_retry=2),
+            }
+        return _build(location, engine_kwargs, heartbeat_kwargs)
+
+
+def _build(
+    location: StoreLocation, engine_kwargs: dict[str, Any], heartbeat_kwargs: dict[str, Any]
+) -> RDBStorage:
+    """RDBStorage on `location`; Optuna creates what is missing of its schema under the schema
+    lock (storage._schema), so processes starting together on an empty store do not race."""
     try:
-        with warnings.catch_warnings():
-            # Heartbeats are flagged experimental; the flag is noise in every command's output.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            heartbeat_kwargs: dict[str, Any] = {}
-            if heartbeat:
-                heartbeat_kwargs = {
-                    "heartbeat_interval": heartbeat_interval_s,
-                    "grace_period": grace_period_s,
-                    "heartbeat_stale_trial_callback": stale_trial_callback
-                    or RetryHeartbeatStaleTrialCallback(max_retry=2),
-                }
+        if schema_ready(location, engine_kwargs):
+            return RDBStorage(location.url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+        with schema_lock(location, engine_kwargs):
+            reason = foreign_schema(location, engine_kwargs)
+            if reason is not None:
+                raise StorageSchemaError(f"{location.describe()} is not an Optuna store: {reason}")
+            try:
+                return RDBStorage(location.url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+            except sqlalchemy.exc.DatabaseError:
+                # A creator outside this lock (plain Optuna, an older hpo) may have raced this
+                # one; if the schema is whole now, that was the error: open it again.
+                if not schema_ready(location, engine_kwargs):
+                    raise
             return RDBStorage(location.url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
     except sqlalchemy.exc.OperationalError as e:
         raise _translate(location, e.orig or e) from None
