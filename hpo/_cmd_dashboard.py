@@ -24,9 +24,19 @@ def dashboard(
         str | None,
         typer.Option("--study", help="Print the address of this study's page (it must exist)."),
     ] = None,
+    allow_edit: Annotated[
+        bool,
+        typer.Option(
+            "--allow-edit",
+            help="Let the page change the store: delete studies, mark trials failed or complete, "
+            "set trial attributes, write notes. Without it anyone who reaches the port can "
+            "only look; a change is refused (HTTP 403) and the page says so.",
+        ),
+    ] = False,
 ) -> None:
     """Serve optuna-dashboard on the study store until Ctrl-C: live history, intermediate values
-    per epoch, importances, and each trial's config, metrics and failure reason."""
+    per epoch, importances, and each trial's config, metrics and failure reason. Read-only
+    unless --allow-edit."""
     import optuna
 
     from hpo._dashboard import DashboardError, bind, dashboard_app
@@ -41,11 +51,15 @@ def dashboard(
         if study is not None:
             name = load_existing_study(store, study).study_name
             page = f"/dashboard/studies/{store.get_study_id_from_name(name)}"
-        server = bind(dashboard_app(store), host, port)
+        server = bind(dashboard_app(store, allow_edit=allow_edit), host, port)
     except (StorageError, StudyError, DashboardError) as error:
         fail(str(error), EXIT_USAGE)
     shown_host = f"[{host}]" if ":" in host else host
     typer.echo(f"dashboard of {location.describe()}: http://{shown_host}:{port}{page}")
+    if not allow_edit:
+        typer.echo(
+            "read-only: the page cannot change the store (--allow-edit to let it)", err=True
+        )
     typer.echo("Ctrl-C to stop", err=True)
     try:
         server.serve_forever(poll_interval=0.5)

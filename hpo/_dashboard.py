@@ -1,34 +1,54 @@
-"""optuna-dashboard on the study store: a readable view of our attributes, and a server that
-fails in one line when it cannot listen.
+"""optuna-dashboard on the study store: a readable view of our attributes, read-only unless asked,
+and a server that fails in one line when it cannot listen.
 
 optuna-dashboard shows each user attribute as one text cell and cuts it at 1,024 characters
 (`optuna_dashboard._serializer.MAX_ATTR_LENGTH`). A trial's `config` (about 1,250 characters of
 JSON) and its per-epoch `history` would be shown cut mid-way, as invalid JSON. `ReadableStorage`
 wraps the store for the dashboard only and flattens nested attributes into one cell per field
 (`config.lr`, `metrics.composite`, `history.val_nmse` = one number per epoch), so every field is
-whole, and numeric ones become sortable columns of the trials table. Writes made from the
-dashboard (notes, `tell`) pass straight through. Nothing in the store is changed by the view.
+whole, and numeric ones become sortable columns of the trials table. Nothing in the store is
+changed by the view.
+
+optuna-dashboard lets anyone who reaches its port delete studies, mark trials failed or complete,
+set trial attributes, write notes, upload artifacts. Unless `allow_edit` is given, the dashboard
+refuses all of that at two depths: every request other than GET/HEAD/OPTIONS is answered 403 with
+`READ_ONLY_MESSAGE` before optuna-dashboard sees it (the page shows that reason in its error
+message where it shows one), and every write method of the storage it is given raises
+`ReadOnlyError`, so a route that wrote on a GET could not change the store either.
 """
 
 from __future__ import annotations
 
 import copy
 import errno
+import json
 import socket
 import socketserver
 from collections.abc import Container, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from bottle import HTTPError
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
+READ_ONLY_MESSAGE = "this dashboard is read-only; start it with --allow-edit to change studies"
+
 
 class DashboardError(Exception):
     """The dashboard cannot be served as asked (e.g. the port is taken)."""
+
+
+class ReadOnlyError(HTTPError):
+    """A write through a read-only dashboard's storage. A bottle HTTPError, so that
+    optuna-dashboard's API views answer it as 403 with `READ_ONLY_MESSAGE` as the reason (any other
+    exception becomes a bare 500 "internal server error")."""
+
+    def __init__(self) -> None:
+        super().__init__(403, READ_ONLY_MESSAGE)
 
 
 def flatten_attrs(attrs: dict[str, Any], max_depth: int = 8) -> dict[str, Any]:
@@ -79,12 +99,19 @@ def _readable_study(study: FrozenStudy) -> FrozenStudy:
 class ReadableStorage(BaseStorage):
     """A view of `inner` whose trials and studies carry flattened user attributes.
 
-    Every method delegates to `inner`; the readers of trials and studies flatten what they
-    return. Used for display only: samplers never see this view.
+    The readers delegate to `inner`, and those of trials and studies flatten what they return.
+    The writers raise `ReadOnlyError` unless `allow_edit`; then they delegate too. Used for
+    display only: samplers never see this view.
     """
 
-    def __init__(self, inner: BaseStorage) -> None:
+    def __init__(self, inner: BaseStorage, *, allow_edit: bool = False) -> None:
         self._inner = inner
+        self._allow_edit = allow_edit
+
+    def _writable(self) -> BaseStorage:
+        if not self._allow_edit:
+            raise ReadOnlyError()
+        return self._inner
 
     # --- readers that reshape
     def get_trial(self, trial_id: int) -> FrozenTrial:
@@ -105,21 +132,7 @@ class ReadableStorage(BaseStorage):
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
         return flatten_attrs(self._inner.get_study_user_attrs(study_id), max_depth=1)
 
-    # --- everything else as it is
-    def create_new_study(
-        self, directions: Sequence[StudyDirection], study_name: str | None = None
-    ) -> int:
-        return self._inner.create_new_study(directions, study_name)
-
-    def delete_study(self, study_id: int) -> None:
-        self._inner.delete_study(study_id)
-
-    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._inner.set_study_user_attr(study_id, key, value)
-
-    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._inner.set_study_system_attr(study_id, key, value)
-
+    # --- other readers as they are
     def get_study_id_from_name(self, study_name: str) -> int:
         return self._inner.get_study_id_from_name(study_name)
 
@@ -132,8 +145,29 @@ class ReadableStorage(BaseStorage):
     def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
         return self._inner.get_study_system_attrs(study_id)
 
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return self._inner.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+
+    def remove_session(self) -> None:
+        self._inner.remove_session()
+
+    # --- writers: refused unless allow_edit
+    def create_new_study(
+        self, directions: Sequence[StudyDirection], study_name: str | None = None
+    ) -> int:
+        return self._writable().create_new_study(directions, study_name)
+
+    def delete_study(self, study_id: int) -> None:
+        self._writable().delete_study(study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._writable().set_study_user_attr(study_id, key, value)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._writable().set_study_system_attr(study_id, key, value)
+
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        return self._inner.create_new_trial(study_id, template_trial)
+        return self._writable().create_new_trial(study_id, template_trial)
 
     def set_trial_param(
         self,
@@ -142,29 +176,23 @@ class ReadableStorage(BaseStorage):
         param_value_internal: float,
         distribution: BaseDistribution,
     ) -> None:
-        self._inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
-
-    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
-        return self._inner.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+        self._writable().set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        return self._inner.set_trial_state_values(trial_id, state, values)
+        return self._writable().set_trial_state_values(trial_id, state, values)
 
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float
     ) -> None:
-        self._inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
+        self._writable().set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._inner.set_trial_user_attr(trial_id, key, value)
+        self._writable().set_trial_user_attr(trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._inner.set_trial_system_attr(trial_id, key, value)
-
-    def remove_session(self) -> None:
-        self._inner.remove_session()
+        self._writable().set_trial_system_attr(trial_id, key, value)
 
 
 # ---------------------------------------------------------------------------------- the server
@@ -202,8 +230,51 @@ def bind(app: Any, host: str, port: int) -> WSGIServer:
         raise DashboardError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
-def dashboard_app(storage: BaseStorage, artifact_store: Any | None = None) -> Any:
-    """optuna-dashboard's WSGI app on the readable view of `storage`."""
+# Methods that only read (RFC 9110's safe methods). optuna-dashboard's page reads with GET only.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_DRAIN_CHUNK_BYTES = 1 << 16
+
+
+def refuse_writes(app: Any) -> Any:
+    """`app` behind a guard that answers every request other than GET/HEAD/OPTIONS with 403 and
+    `{"reason": READ_ONLY_MESSAGE}` (the JSON shape of optuna-dashboard's own errors)."""
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD", "GET").upper() in _SAFE_METHODS:
+            return app(environ, start_response)
+        _drain(environ)
+        body = json.dumps({"reason": READ_ONLY_MESSAGE}).encode()
+        start_response(
+            "403 Forbidden",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    return guarded
+
+
+def _drain(environ: dict[str, Any]) -> None:
+    """Read the refused request's body: a server that closes a socket with unread data sends a
+    reset, and the browser may then lose the 403 and report a network error instead."""
+    try:
+        left = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return
+    stream = environ["wsgi.input"]
+    while left > 0:
+        chunk = stream.read(min(left, _DRAIN_CHUNK_BYTES))
+        if not chunk:
+            return
+        left -= len(chunk)
+
+
+def dashboard_app(
+    storage: BaseStorage, artifact_store: Any | None = None, *, allow_edit: bool = False
+) -> Any:
+    """optuna-dashboard's WSGI app on the readable view of `storage`; read-only unless
+    `allow_edit` (see the module's docstring)."""
     import optuna_dashboard
 
-    return optuna_dashboard.wsgi(ReadableStorage(storage), artifact_store=artifact_store)
+    view = ReadableStorage(storage, allow_edit=allow_edit)
+    app = optuna_dashboard.wsgi(view, artifact_store=artifact_store)
+    return app if allow_edit else refuse_writes(app)

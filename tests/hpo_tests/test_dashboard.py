@@ -68,8 +68,10 @@ def test_readable_view_reshapes_reads_and_leaves_the_store_alone(tmp_path):
     # Nothing was written: the store still holds the nested attributes.
     (stored,) = optuna.load_study(study_name="view", storage=url).get_trials()
     assert stored.user_attrs == {"config": {"lr": 0.01, "seed": 0}}
-    # Writes from the dashboard (notes are study system attributes) go through unchanged.
-    view.set_study_system_attr(study_id, "dashboard:note", "looked at")
+    # With --allow-edit, writes from the dashboard (notes are study system attributes) go
+    # through unchanged.
+    editable = ReadableStorage(inner, allow_edit=True)
+    editable.set_study_system_attr(study_id, "dashboard:note", "looked at")
     assert inner.get_study_system_attrs(study_id)["dashboard:note"] == "looked at"
 
 
