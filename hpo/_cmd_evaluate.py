@@ -1,8 +1,10 @@
 """`hpo evaluate`: a trained model against MUSIC, pursuit, coded SBL, the oracle and the CRB.
 
 The work is `pipeline._benchmark_eval.evaluate_model`; this module resolves the checkpoint, checks
-the output directory before anything runs, prints the tables and writes them as CSV, JSON and a
-plot of RMSE against SNR with the CRB line.
+the output directory before anything runs, prints the tables and the paired test of the learned
+row against each classical row, and writes them as CSV, JSON, a plot of RMSE against SNR with the
+CRB line, and scenes.jsonl: every scene's truth and each method's estimates and count, one JSON
+line per scene, so that anyone can rescore a table without this project's code.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ EXIT_FAILED = 1
 CSV_NAME = "evaluation.csv"
 JSON_NAME = "evaluation.json"
 PLOT_NAME = "rmse_vs_snr.png"
+SCENES_NAME = "scenes.jsonl"
 
 # Printed columns: (header, row key, format). The CSV and JSON hold every key.
 _COLUMNS = (
@@ -128,6 +131,17 @@ def format_tables(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_paired(paired: list[dict[str, Any]]) -> str:
+    """The paired test of the learned row against each classical row, one line each."""
+    lines = ["paired test on the same scenes (exact McNemar, two-sided):"]
+    for test in paired:
+        lines.append(
+            f"  learned {test['success']:.3f} vs {_SHORT_LABELS[test['versus']]:<8}"
+            f"{test['versus_success']:.3f}: only learned {test['learned_only']}, only "
+            f"{_SHORT_LABELS[test['versus']]} {test['versus_only']}, p = {test['p_value']:.2g}")
+    return "\n".join(lines)
+
+
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys: list[str] = []
     for row in rows:
@@ -200,8 +214,8 @@ def evaluate(
     out: Annotated[
         Path | None,
         typer.Option("--out", file_okay=False, help="Directory for evaluation.csv, "
-                     "evaluation.json and rmse_vs_snr.png [default: <checkpoint dir>/"
-                     "evaluate-seed<S>-n<scenes>]."),
+                     "evaluation.json, scenes.jsonl (every scene's truth and estimates) and "
+                     "rmse_vs_snr.png [default: <checkpoint dir>/evaluate-seed<S>-n<scenes>]."),
     ] = None,
     device: Annotated[
         str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")
@@ -260,10 +274,13 @@ def evaluate(
                     "oracle": "MUSIC on R_true, true K",
                     "crb": "stochastic CRB, all positions, powers and noise variance unknown"},
         "rows": result.rows,
+        "paired": result.paired,
         "config": result.config,
     }
     try:
         (run_dir / JSON_NAME).write_text(json.dumps(payload, indent=1))
+        (run_dir / SCENES_NAME).write_text(
+            "".join(json.dumps(record) + "\n" for record in result.scenes))
         _write_csv(result.rows, run_dir / CSV_NAME)
         _write_plot(result.rows, run_dir / PLOT_NAME)
     except OSError as error:
@@ -274,5 +291,6 @@ def evaluate(
     typer.echo(format_tables(result.rows))
     typer.echo("errors in deg / m; r/r: RMSE of range error relative to r; inl: RMSE of the "
                "pairs within 3 deg / 3 deg / 0.5 m; /crb: RMSE / sqrt(CRB) of the same pairs")
+    typer.echo(format_paired(result.paired))
     typer.echo(f"{elapsed:.1f} s; wrote {run_dir / CSV_NAME}, {run_dir / JSON_NAME}, "
-               f"{run_dir / PLOT_NAME}")
+               f"{run_dir / SCENES_NAME}, {run_dir / PLOT_NAME}")

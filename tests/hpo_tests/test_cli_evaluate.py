@@ -7,8 +7,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import binomtest
 
 from tests.hpo_tests._cli import invoke
 
@@ -41,6 +44,7 @@ def evaluated(checkpoint: Path, tmp_path_factory) -> Path:
     assert result.exit_code == 0, result.output
     assert "SNR 15..20 dB" in result.stdout and "K = 1" in result.stdout
     assert "CRB" in result.stdout and "pursuit" in result.stdout and "SBL" in result.stdout
+    assert "exact McNemar" in result.stdout and "vs SBL" in result.stdout
     return out
 
 
@@ -77,13 +81,73 @@ def test_writes_csv_json_and_a_png(evaluated: Path) -> None:
     assert picture.ndim == 3 and picture.shape[0] > 100 and picture.shape[1] > 300
 
 
+def _rescore(record: dict, method: str) -> bool:
+    """Success of one scene from scenes.jsonl alone: K right, then every true source within
+    3 deg / 3 deg / 0.5 m of its estimate under the assignment of least summed distance in
+    units of 5 deg / 5 deg / 1 m."""
+    estimate = record["methods"][method]
+    if estimate["n_sources"] != record["n_sources"]:
+        return False
+    found = np.array(estimate["estimates"], dtype=np.float64).reshape(-1, 3)
+    truth = np.array(record["truth"], dtype=np.float64).reshape(-1, 3)
+    scale = np.array([math.radians(5.0), math.radians(5.0), 1.0])
+    cost = np.sqrt(np.square((found[:, None, :] - truth[None, :, :]) / scale).sum(-1))
+    rows, cols = linear_sum_assignment(cost)
+    error = np.abs(found[rows] - truth[cols])
+    inside = ((np.degrees(error[:, 0]) <= 3.0) & (np.degrees(error[:, 1]) <= 3.0)
+              & (error[:, 2] <= 0.5))
+    return int(inside.sum()) == len(truth)
+
+
+def test_scenes_jsonl_rescores_the_table(evaluated: Path) -> None:
+    records = [json.loads(line) for line in (evaluated / "scenes.jsonl").read_text().splitlines()]
+    assert [r["scene"] for r in records] == list(range(40))
+    rows = list(csv.DictReader((evaluated / "evaluation.csv").open()))
+    localizers = METHODS - {"crb"}
+    for record in records:
+        assert set(record["methods"]) == localizers
+        assert len(record["truth"]) == record["n_sources"]
+    successes = {}
+    for method in localizers:
+        successes[method] = np.array([_rescore(r, method) for r in records])
+        for row in rows:
+            if row["method"] != method:
+                continue
+            if row["group"] == "all":
+                index = range(40)
+            elif row["group"] == "k":
+                index = [i for i, r in enumerate(records) if str(r["n_sources"]) == row["bin"]]
+            else:
+                low, high = (float(x) for x in row["bin"].split(".."))
+                index = [i for i, r in enumerate(records)
+                         if low <= r["snr_db"] < high or (high == 20.0 and r["snr_db"] == high)]
+            assert len(index) == int(row["n_scenes"])
+            assert float(row["success_rate"]) == pytest.approx(
+                float(np.mean(successes[method][list(index)])), abs=1e-12), row
+            k_right = [records[i]["methods"][method]["n_sources"] == records[i]["n_sources"]
+                       for i in index]
+            assert float(row["k_accuracy"]) == pytest.approx(float(np.mean(k_right)))
+    assert successes["oracle"].any()  # the rescoring can say yes
+
+    # The paired tests count the same discordant scenes and agree with scipy's exact binomial.
+    payload = json.loads((evaluated / "evaluation.json").read_text())
+    assert {t["versus"] for t in payload["paired"]} == {"samp", "pursuit", "sbl"}
+    for test in payload["paired"]:
+        other = successes[test["versus"]]
+        assert test["learned_only"] == int((successes["learned"] & ~other).sum())
+        assert test["versus_only"] == int((~successes["learned"] & other).sum())
+        n = test["learned_only"] + test["versus_only"]
+        expected = binomtest(test["learned_only"], n, 0.5).pvalue if n else 1.0
+        assert test["p_value"] == pytest.approx(expected)
+
+
 def test_same_seed_same_table_other_seed_other_scenes(checkpoint: Path, evaluated: Path,
                                                       tmp_path: Path) -> None:
     again = invoke("evaluate", "--checkpoint", str(checkpoint), "--scenes", "40", "--seed", "3",
                    "--device", "cpu", "--out", str(tmp_path / "again"), "--json")
     assert again.exit_code == 0, again.output
-    assert (tmp_path / "again" / "evaluation.csv").read_bytes() == (
-        evaluated / "evaluation.csv").read_bytes()
+    for name in ("evaluation.csv", "scenes.jsonl"):
+        assert (tmp_path / "again" / name).read_bytes() == (evaluated / name).read_bytes()
     assert json.loads(again.stdout)["rows"] == json.loads(
         (evaluated / "evaluation.json").read_text())["rows"]
     other = invoke("evaluate", "--checkpoint", str(checkpoint), "--scenes", "20", "--seed", "4",

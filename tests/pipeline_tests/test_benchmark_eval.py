@@ -78,3 +78,19 @@ def test_bad_counts_are_rejected(deployment: Deployment) -> None:
         evaluation_scenes(CONFIG, deployment, 0, 0)
     with pytest.raises(ValueError, match="seed"):
         evaluation_scenes(CONFIG, deployment, 5, -1)
+
+
+def test_mcnemar_exact_is_the_two_sided_binomial_on_discordant_pairs() -> None:
+    from pipeline._benchmark_eval import mcnemar_exact, paired_tests
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # 2 * P(X <= 0), X ~ Bin(5, 1/2)
+    assert mcnemar_exact(9, 1) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(1, 9) == mcnemar_exact(9, 1)
+    learned = torch.tensor([True, True, False, True, False]).numpy()
+    other = torch.tensor([False, True, False, False, True]).numpy()
+    (test,) = paired_tests({"learned": learned, "sbl": other}, classical=("sbl",))
+    assert (test["learned_only"], test["versus_only"]) == (2, 1)
+    assert test["success"] == 0.6 and test["versus_success"] == 0.4
+    assert test["p_value"] == 1.0
