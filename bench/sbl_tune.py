@@ -6,10 +6,11 @@ Two stages, each on the same validation scenes of the preset (the `val` stream o
 1. search: one knob at a time away from the defaults of `SblSettings` (grid spacing, inverse-range
    points, iterations, pruning), each scored with the TRUE K (success at >= 10 dB and overall)
    and its cost per scene with one CPU thread, so that the search is chosen apart from the count.
-2. count: SBL's own K with `count_threshold` swept; K accuracy and success per SNR bin.
+2. count: SBL's own K with `count_threshold` (and `count_slope`) swept; K accuracy and success
+   per SNR bin.
 
     python bench/sbl_tune.py [--preset medium] [--scenes 300] [--stage search count]
-                             [--thresholds 4 6 8 10 14 20] [--out sbl_tune.json]
+                             [--thresholds 4 6 8 10 14 20] [--slopes 0] [--out sbl_tune.json]
 
 Each configuration prints one JSON line as it finishes; --out collects them.
 """
@@ -93,6 +94,8 @@ def main() -> None:
                         help="search variants to run [default: all]")
     parser.add_argument("--thresholds", type=float, nargs="+",
                         default=[4.0, 6.0, 8.0, 10.0, 14.0, 20.0])
+    parser.add_argument("--slopes", type=float, nargs="+", default=[0.0],
+                        help="count_slope values, each tried with every threshold")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -113,10 +116,11 @@ def main() -> None:
             settings = SblSettings(**changes)
             report(_run(name, settings, scenes, deployment, config, true_k=True))
     if "count" in args.stage:
-        for threshold in args.thresholds:
-            settings = SblSettings(count_threshold=threshold)
-            report(_run(f"count_threshold {threshold:g}", settings, scenes, deployment, config,
-                        true_k=False))
+        for slope in args.slopes:
+            for threshold in args.thresholds:
+                settings = SblSettings(count_threshold=threshold, count_slope=slope)
+                report(_run(f"count_threshold {threshold:g} slope {slope:g}", settings, scenes,
+                            deployment, config, true_k=False))
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"preset": args.preset, "split": "val", "n_scenes": args.scenes,

@@ -22,7 +22,9 @@ its own dictionary D_l = Phi_l A(grid) (the pursuit's coded dictionary, `coded_d
    search over a 3 x 3 x 3 stencil with a quadratic step (as in the pursuit) climbs it; a sweep
    lets each source jump to a kept grid point of higher gain, which repairs peaks that SBL split.
 4. Count (when K is not given): start from max_sources refined candidates and drop the source of
-   least gain while that gain is below `count_threshold` nats, refining the rest after each drop.
+   least gain while that gain is below count_threshold + count_slope * log10(P / sigma^2) nats
+   (P the measurements' mean power, sigma^2 the current noise estimate), refining the rest after
+   each drop.
 
 Every scene of a chunk runs together; the device is the measurements'.
 """
@@ -64,7 +66,8 @@ class SblSettings:
     prune_after: int = 4  # iterations on the full grid before pruning
     n_kept: int = 300  # grid points kept per scene after pruning
     refine_rounds: int = 8  # pattern-search rounds of the likelihood refinement
-    count_threshold: float = 10.0  # nats: a source whose gain is below this is dropped
+    count_threshold: float = 10.0  # nats: a source whose gain is below this is dropped ...
+    count_slope: float = 0.0  # ... plus this many nats per decade of power / noise (est.)
 
     def __post_init__(self) -> None:
         if not self.grid_step_deg > 0:
@@ -424,10 +427,13 @@ def _localize_chunk(y: torch.Tensor, n_sources: torch.Tensor | None, deployment:
     points, power = _jump(points, power, active, noise, y, deployment, kept_points, kept_atoms)
     points, power, noise = _refine(points, power, active, noise, y, deployment, grid, rounds)
     if n_sources is None:
+        total = _squared_magnitude(y).mean(dim=(1, 2))
         for _ in range(k_max - 1):
             gain = _source_gains(points, power, active, noise, y, deployment)
             weakest, slot = gain.min(-1)
-            drop = (weakest < settings.count_threshold) & (active.sum(-1) > 1)
+            threshold = (settings.count_threshold
+                         + settings.count_slope * torch.log10(total / noise).clamp_min(0.0))
+            drop = (weakest < threshold) & (active.sum(-1) > 1)
             if not drop.any():
                 break
             active = active.clone()
@@ -449,7 +455,8 @@ def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
     clipped to 0..config.max_sources.
     Returns a Localization with config.max_sources slots, the first K_hat valid, strongest first;
     `score` is each source's share of the measurement power, p_k mean_l ||Phi_l a_k||^2 /
-    mean_l ||y_l||^2, clipped to [0, 1] (noise can push an estimate just above 1). Runs on the measurements' device, float32 / complex64.
+    mean_l ||y_l||^2, clipped to [0, 1] (noise can push an estimate just above 1).
+    Runs on the measurements' device, in float32 / complex64.
     """
     if measurements.ndim != 3:
         raise ValueError(f"measurements must be (B, L, M), but got {tuple(measurements.shape)}")
