@@ -120,6 +120,8 @@ def test_the_worker_command_is_a_real_hpo_run(compose):
     serve_params = serve.make_context("dashboard", list(dashboard["command"][2:]),
                                       parent=context).params
     assert serve_params["port"] == 8080 and serve_params.get("storage") is None
+    # Read-only: whoever reaches the published port cannot delete a study or change a trial.
+    assert serve_params["allow_edit"] is False
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
