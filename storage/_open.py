@@ -105,17 +105,22 @@ def _build(
         if schema_ready(location, engine_kwargs):
             return RDBStorage(location.url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
         with schema_lock(location, engine_kwargs):
-            reason = foreign_schema(location, engine_kwargs)
-            if reason is not None:
-                raise StorageSchemaError(f"{location.describe()} is not an Optuna store: {reason}")
-            try:
-                return RDBStorage(location.url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
-            except sqlalchemy.exc.DatabaseError:
-                # A creator outside this lock (plain Optuna, an older hpo) may have raced this
-                # one; if the schema is whole now, that was the error: open it again.
-                if not schema_ready(location, engine_kwargs):
-                    raise
-            return RDBStorage(location.url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+            # Whoever held the lock before may have made the schema: then only read, unlocked.
+            if not schema_ready(location, engine_kwargs):
+                reason = foreign_schema(location, engine_kwargs)
+                if reason is not None:
+                    where = location.describe()
+                    raise StorageSchemaError(f"{where} is not an Optuna store: {reason}")
+                try:
+                    return RDBStorage(
+                        location.url, engine_kwargs=engine_kwargs, **heartbeat_kwargs
+                    )
+                except sqlalchemy.exc.DatabaseError:
+                    # A creator outside this lock (plain Optuna, an older hpo) may have raced
+                    # this one; if the schema is whole now, that was the error: open it again.
+                    if not schema_ready(location, engine_kwargs):
+                        raise
+        return RDBStorage(location.url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
     except sqlalchemy.exc.OperationalError as e:
         raise _translate(location, e.orig or e) from None
     except sqlalchemy.exc.DatabaseError as e:
