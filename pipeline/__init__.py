@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pipeline._benchmark_eval import EvaluationResult, evaluate_model
     from pipeline._crb import cramer_rao_bound
     from pipeline._pursuit import matching_pursuit
+    from pipeline._sbl import SblSettings, sparse_bayesian_learning
     from pipeline._train import (
         CHECKPOINT_NAME,
         EpochMetrics,
@@ -41,6 +42,8 @@ _LAZY = {
     "evaluate_model": "pipeline._benchmark_eval",
     "cramer_rao_bound": "pipeline._crb",
     "matching_pursuit": "pipeline._pursuit",
+    "SblSettings": "pipeline._sbl",
+    "sparse_bayesian_learning": "pipeline._sbl",
     "CHECKPOINT_NAME": "pipeline._train",
     "EpochMetrics": "pipeline._train",
     "TrainResult": "pipeline._train",
@@ -72,6 +75,7 @@ __all__ = [
     "ExperimentConfig",
     "NumericalError",
     "PipelineError",
+    "SblSettings",
     "TrainResult",
     "apply_overrides",
     "config_from_dict",
@@ -85,5 +89,6 @@ __all__ = [
     "preset",
     "replace",
     "resolve_device",
+    "sparse_bayesian_learning",
     "train",
 ]

@@ -399,18 +399,25 @@ def _source_gains(points: torch.Tensor, power: torch.Tensor, active: torch.Tenso
     return torch.where(active, gain, math.inf)
 
 
-def _localize_chunk(y: torch.Tensor, n_sources: torch.Tensor | None, deployment: Deployment,
-                    grid: MusicGrid, atoms_conj: torch.Tensor, k_max: int,
-                    settings: SblSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    torch.Tensor]:
-    """SBL, refinement and count on one chunk: points (b, k_max, 3), power (b, k_max),
-    active (b, k_max), and the noise (b,)."""
+@dataclass(frozen=True)
+class _State:
+    """A chunk's sources: points (b, k_max, 3), power and active (b, k_max), noise (b,)."""
+
+    points: torch.Tensor
+    power: torch.Tensor
+    active: torch.Tensor
+    noise: torch.Tensor
+
+
+def _candidates(y: torch.Tensor, n_sources: torch.Tensor | None, deployment: Deployment,
+                grid: MusicGrid, atoms_conj: torch.Tensor, k_max: int, settings: SblSettings
+                ) -> _State:
+    """SBL, then the refined, swept candidates: n_sources of them, or k_max when None."""
     n_batch = y.shape[0]
-    n_peaks = k_max
-    gamma, kept, noise = _sbl_powers(y, atoms_conj, grid, n_peaks, settings)
+    gamma, kept, noise = _sbl_powers(y, atoms_conj, grid, k_max, settings)
     n_grid = atoms_conj.shape[-1]
     full = gamma.new_zeros(n_batch, n_grid).scatter(1, kept, gamma)
-    peaks = _top_peaks(full, grid.shape, n_peaks)
+    peaks = _top_peaks(full, grid.shape, k_max)
     points = _grid_points(peaks, grid)  # (b, k_max, 3)
     power = full.gather(1, peaks)
     slots = torch.arange(k_max, device=y.device)
@@ -426,22 +433,73 @@ def _localize_chunk(y: torch.Tensor, n_sources: torch.Tensor | None, deployment:
     points, power, noise = _refine(points, power, active, noise, y, deployment, grid, rounds)
     points, power = _jump(points, power, active, noise, y, deployment, kept_points, kept_atoms)
     points, power, noise = _refine(points, power, active, noise, y, deployment, grid, rounds)
+    return _State(points, power * active, active, noise)
+
+
+def _count(state: _State, y: torch.Tensor, deployment: Deployment, grid: MusicGrid,
+           settings: SblSettings, *, path: list[tuple[_State, torch.Tensor, torch.Tensor]]
+           | None = None) -> _State:
+    """Drop the source of least gain while it is below the threshold; the rest are refined.
+
+    A scene that keeps its weakest source stops there. With `path` given, every scene instead
+    drops down to one source and each stage is appended as (state, weakest gain (b,),
+    log10(P / sigma^2) (b,)): a scene's count under any threshold is then its first stage whose
+    weakest gain clears it, the state this function returns for that threshold (a stopped
+    scene is not touched again, and scenes do not interact). bench/sbl_tune.py tunes so.
+    """
+    points, power, active, noise = state.points, state.power, state.active, state.noise
+    total = _squared_magnitude(y).mean(dim=(1, 2))
+    going = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    rounds = max(1, settings.refine_rounds // 4)
+    for _ in range(active.shape[1]):
+        gain = _source_gains(points, power, active, noise, y, deployment)
+        weakest, slot = gain.min(-1)
+        ratio = torch.log10(total / noise).clamp_min(0.0)
+        if path is not None:
+            path.append((_State(points, power * active, active, noise), weakest, ratio))
+            drop = active.sum(-1) > 1
+        else:
+            threshold = settings.count_threshold + settings.count_slope * ratio
+            drop = going & (weakest < threshold) & (active.sum(-1) > 1)
+        going = drop
+        if not drop.any():
+            break
+        active = active.clone()
+        active[drop, slot[drop]] = False
+        power = power * active
+        moved, power_moved, noise_moved = _refine(points, power, active & drop[:, None], noise,
+                                                  y, deployment, grid, rounds)
+        points = torch.where(drop[:, None, None], moved, points)
+        power = torch.where(drop[:, None], power_moved, power)
+        noise = torch.where(drop, noise_moved, noise)
+    return _State(points, power * active, active, noise)
+
+
+def _stop_path(path: list[tuple[_State, torch.Tensor, torch.Tensor]], settings: SblSettings
+               ) -> _State:
+    """Each scene's stage on a full drop path (`_count` with `path`) where `settings`' count
+    rule stops it: what `_count` returns for those settings."""
+    first = path[0][0]
+    points, power = first.points.clone(), first.power.clone()
+    active, noise = first.active.clone(), first.noise.clone()
+    decided = torch.zeros_like(noise, dtype=torch.bool)
+    for state, weakest, ratio in path:
+        threshold = settings.count_threshold + settings.count_slope * ratio
+        stop = ~decided & ((weakest >= threshold) | (state.active.sum(-1) <= 1))
+        points[stop], power[stop] = state.points[stop], state.power[stop]
+        active[stop], noise[stop] = state.active[stop], state.noise[stop]
+        decided |= stop
+    return _State(points, power, active, noise)
+
+
+def _localize_chunk(y: torch.Tensor, n_sources: torch.Tensor | None, deployment: Deployment,
+                    grid: MusicGrid, atoms_conj: torch.Tensor, k_max: int,
+                    settings: SblSettings) -> _State:
+    """SBL, refinement and, without n_sources, the count, on one chunk of scenes."""
+    state = _candidates(y, n_sources, deployment, grid, atoms_conj, k_max, settings)
     if n_sources is None:
-        total = _squared_magnitude(y).mean(dim=(1, 2))
-        for _ in range(k_max - 1):
-            gain = _source_gains(points, power, active, noise, y, deployment)
-            weakest, slot = gain.min(-1)
-            threshold = (settings.count_threshold
-                         + settings.count_slope * torch.log10(total / noise).clamp_min(0.0))
-            drop = (weakest < threshold) & (active.sum(-1) > 1)
-            if not drop.any():
-                break
-            active = active.clone()
-            active[drop, slot[drop]] = False
-            power = power * active
-            points, power, noise = _refine(points, power, active, noise, y, deployment, grid,
-                                           max(1, rounds // 4))
-    return points, power * active, active, noise
+        state = _count(state, y, deployment, grid, settings)
+    return state
 
 
 def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
@@ -477,8 +535,8 @@ def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
             part = slice(start, start + chunk_size)
             y = measurements[part]
             k_hat = None if n_sources is None else n_sources[part]
-            point, power, active, _ = _localize_chunk(y, k_hat, deployment, grid, atoms_conj,
-                                                      k_max, settings)
+            state = _localize_chunk(y, k_hat, deployment, grid, atoms_conj, k_max, settings)
+            point, power, active = state.points, state.power, state.active
             energy = _squared_magnitude(_coded_atoms(point, deployment)).sum(-1).mean(-1)
             total = _squared_magnitude(y).sum(-1).mean(-1).clamp_min(_TINY)
             share = torch.where(active, power * energy / total[:, None], -1.0)

@@ -139,6 +139,33 @@ def test_a_batch_equals_its_scenes_one_at_a_time(high_snr: SceneBatch,
     assert torch.equal(together.mask, chunked.mask)
 
 
+def test_a_threshold_stops_the_drop_path_where_the_count_stops(deployment: Deployment) -> None:
+    """bench/sbl_tune.py scores every count threshold from one drop path; that must be what
+    the count itself returns for each threshold."""
+    from pipeline._evaluate import music_grid
+    from pipeline._sbl import _candidates, _count, _stop_path
+
+    scenes = generate_scenes(CONFIG, deployment, 8, seed=9)  # SNR -5..20 dB, K 1..3
+    y = scenes.measurements
+    settings = SblSettings()
+    grid_config = sbl_grid_config(CONFIG, settings)
+    grid = music_grid(grid_config, deployment)
+    atoms_conj, _ = coded_dictionary(grid_config, deployment)
+    state = _candidates(y, None, deployment, grid, atoms_conj, CONFIG.max_sources, settings)
+    path: list = []
+    _count(state, y, deployment, grid, settings, path=path)
+    assert [int(s.active.sum(-1).max()) for s, _, _ in path] == [3, 2, 1]
+    counts = set()
+    for threshold, slope in ((1.0, 0.0), (10.0, 0.0), (10.0, 3.0), (60.0, 0.0)):
+        rule = SblSettings(count_threshold=threshold, count_slope=slope)
+        direct = _count(state, y, deployment, grid, rule)
+        stopped = _stop_path(path, rule)
+        assert torch.equal(direct.active, stopped.active), (threshold, slope)
+        torch.testing.assert_close(direct.points, stopped.points)
+        counts.add(tuple(direct.active.sum(-1).tolist()))
+    assert len(counts) > 1  # the thresholds differ in their counts
+
+
 def test_outer_basis_rebuilds_the_model_covariance(deployment: Deployment) -> None:
     """The real basis gives sum_g gamma_g d_g d_g^H and sum_mn conj(d_m) S_mn d_n exactly."""
     from pipeline._sbl import _basis_weights, _hermitian_from_basis
