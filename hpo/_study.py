@@ -7,10 +7,15 @@ anything is written.
 The budget (`hpo run --trials N`) counts the study's finished trials: COMPLETE, PRUNED and FAIL.
 A trial that failed because its run was interrupted (Ctrl-C, a worker that vanished) is re-queued
 as a new WAITING trial with the same parameters and no longer counts; the re-queued copy counts
-once it runs. RUNNING trials count as the slot they will fill. A worker claims a trial with
-`claim_trial`, which counts and creates under a store-wide lock, so the total never overshoots.
-A claim whose lock was lost on the way (a PostgreSQL restart ends the session holding it) is
-voided: its trial is marked FAIL with `void_reason`, counts nowhere, and the claim starts over.
+once it runs. RUNNING trials count as the slot they will fill once their claim is complete. A
+worker claims a trial with `claim_trial`, which counts and creates under a store-wide lock, so the
+total never overshoots. A claim is complete when its trial carries the claim stamp (worker, host,
+`claimed_unix`), written only after the claimer has checked that it still holds the lock, so
+since before its count. A RUNNING trial without the stamp counts nowhere: its claim was cut off
+(a lost lock, a store that went away, a claimer that died), and the next claim, which holds the
+lock and so knows no claim is under way, voids it: FAIL with `void_reason`, counted nowhere, and
+a retry it had taken off the queue goes back on it. Nothing depends on the cut-off claim's own
+undo succeeding, so a store that stays down while it is undone costs no budget.
 
 Retries resume: a re-queued trial trains in the checkpoint directory of the first trial of its
 chain (`checkpoint_dir_for`), so it continues from the last epoch its predecessor saved.
@@ -20,7 +25,6 @@ checkpoints of the best `keep` COMPLETE trials, and deletes the rest.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import shutil
@@ -64,7 +68,8 @@ ATTR_HOST = "host"  # trial: the node its worker ran on (node_name())
 ATTR_PID_SPACE = "pid_space"  # trial: kernel boot and pid namespace its worker_pid is valid in
 HOST_ENV_VAR = "HPO_HOST"  # names this node in the store [default: the hostname]
 ATTR_CLAIMED_UNIX = "claimed_unix"  # trial: wall clock (s since the epoch) when it was claimed
-HALF_CLAIM_AGE_S = 120.0  # a RUNNING trial never tagged by its claimer after this long is void
+# The points between the statements of a claim, in order, as `claim_trial(on_step=)` names them.
+CLAIM_STEPS = ("locked", "swept", "counted", "asked", "heartbeat", "checked", "stamped")
 
 
 class StudyError(Exception):
@@ -94,9 +99,10 @@ class StudyCounts:
     pruned: int
     failed: int  # FAIL trials that count (not re-queued)
     requeued: int  # FAIL trials replaced by a WAITING retry
-    running: int
+    running: int  # RUNNING trials, the ones being claimed included
     waiting: int
     void: int = 0  # claims undone after a lost lock (FAIL, never counted)
+    claiming: int = 0  # of `running`: claims not (yet) complete, which take no slot
 
     @property
     def finished(self) -> int:
@@ -104,15 +110,15 @@ class StudyCounts:
 
     @property
     def used(self) -> int:
-        """Budget slots taken: finished trials and the RUNNING ones that will finish."""
-        return self.finished + self.running
+        """Budget slots taken: finished trials and the claimed RUNNING ones that will finish."""
+        return self.finished + self.running - self.claiming
 
     def to_dict(self) -> dict[str, int]:
         """The counts for JSON output (`hpo status --json`, `hpo report`'s summary)."""
         return {
             "finished": self.finished, "complete": self.complete, "pruned": self.pruned,
             "failed": self.failed, "requeued": self.requeued, "running": self.running,
-            "waiting": self.waiting, "void": self.void,
+            "waiting": self.waiting, "void": self.void, "claiming": self.claiming,
         }
 
 
@@ -262,11 +268,18 @@ def _requeued_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
     return {t.user_attrs[ATTR_RETRY_OF] for t in trials if ATTR_RETRY_OF in t.user_attrs}
 
 
+def claimed(trial: FrozenTrial) -> bool:
+    """Whether `trial` carries the claim stamp (its claim completed under the lock)."""
+    # Both keys are written in one transaction; either one is the stamp.
+    return ATTR_CLAIMED_UNIX in trial.user_attrs or ATTR_WORKER_PID in trial.user_attrs
+
+
 def count_trials(trials: Sequence[FrozenTrial]) -> StudyCounts:
     requeued = _requeued_numbers(trials)
     by_state = {state: 0 for state in TrialState}
     n_requeued = 0
     n_void = 0
+    n_claiming = 0
     for trial in trials:
         if trial.state == TrialState.FAIL and ATTR_VOID in trial.user_attrs:
             n_void += 1
@@ -274,6 +287,8 @@ def count_trials(trials: Sequence[FrozenTrial]) -> StudyCounts:
             n_requeued += 1
         else:
             by_state[trial.state] += 1
+            if trial.state == TrialState.RUNNING and not claimed(trial):
+                n_claiming += 1
     return StudyCounts(
         complete=by_state[TrialState.COMPLETE],
         pruned=by_state[TrialState.PRUNED],
@@ -282,6 +297,7 @@ def count_trials(trials: Sequence[FrozenTrial]) -> StudyCounts:
         running=by_state[TrialState.RUNNING],
         waiting=by_state[TrialState.WAITING],
         void=n_void,
+        claiming=n_claiming,
     )
 
 
@@ -290,37 +306,51 @@ def deadline_passed(deadline: float | None) -> bool:
     return deadline is not None and time.time() >= deadline
 
 
-def claim_trial(study: optuna.Study, budget: int,
-                deadline: float | None = None) -> optuna.Trial | None:
+def claim_trial(study: optuna.Study, budget: int, deadline: float | None = None, *,
+                on_step: Callable[[str], None] | None = None) -> optuna.Trial | None:
     """A new RUNNING trial if the study has fewer than `budget` trials used, else None; also None
     once `deadline` (Unix time, `hpo run --timeout`) has passed when the lock is held.
 
-    Runs under the store lock: stale trials are failed (and re-queued) first, then the count and
-    the creation happen with no other claim in between. A WAITING (re-queued) trial is taken
-    before a new one is sampled. The trial is tagged with this process and host, and gets its
-    first heartbeat, before the lock is released. If the lock turns out to have been lost (or any
-    step after the creation fails), the new trial is voided and the error propagates: the caller
-    retries the whole claim (storage.Reconnect does).
+    Runs under the store lock: claims that were cut off are voided and stale trials failed (and
+    re-queued) first, then the count and the creation happen with no other claim in between. A
+    WAITING (re-queued) trial is taken before a new one is sampled. The trial gets its first
+    heartbeat, then, once the lock is known to be still held, the claim stamp (this process and
+    host). If the lock was lost (or any step after the creation fails), the trial is left
+    unstamped, so it counts nowhere and the next claim voids it (this one voids it at once if it
+    still holds the lock), and the error propagates: the caller retries the whole claim
+    (storage.Reconnect does). `on_step` is called with each name of CLAIM_STEPS as the claim
+    reaches it (tests stop the store there).
     """
+    step = on_step or (lambda name: None)
     storage = study._storage  # Optuna has no public accessor
-    with store_lock(_rdb(storage), study._study_id) as lease, warnings.catch_warnings():
+    rdb = _rdb(storage)
+    with store_lock(rdb, study._study_id) as lease, warnings.catch_warnings():
         # Heartbeats are recorded around ask/tell on purpose (see the worker); Optuna warns that
         # they are meant for optimize().
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        changed = bool(_fail_stale_locked(study))
+        step("locked")
         trials = study.get_trials(deepcopy=False)
-        if _void_half_claims(study, trials) or changed:
+        # Before the stale sweep: a cut-off claim is void, not a trial to run again.
+        changed = _void_half_claims(study, trials)
+        step("swept")
+        if _fail_stale_locked(study) or changed:
             trials = study.get_trials(deepcopy=False)  # read again only when it changed
+        step("counted")
         if count_trials(trials).used >= budget:
             return None
         if deadline_passed(deadline):  # checked under the lock: waiting for it may have taken long
             return None
         trial = study.ask()
         try:
-            rdb = _rdb(storage)
-            if rdb.heartbeat_interval:  # first: from now on a vanished claimer is detected
+            step("asked")
+            if rdb.heartbeat_interval:  # first: a stamped trial always has a heartbeat
                 rdb.record_heartbeat(trial._trial_id)
+            step("heartbeat")
+            # Held now, so held since before the count: no other claim counted in between, and
+            # the trial is this claim's to stamp. Lost: it stays unstamped and counts nowhere.
+            lease.check()
+            step("checked")
             claim = {
                 ATTR_WORKER_PID: os.getpid(),
                 ATTR_HOST: node_name(),
@@ -328,54 +358,79 @@ def claim_trial(study: optuna.Study, budget: int,
                 ATTR_CLAIMED_UNIX: time.time(),  # present: the claim is complete
             }
             set_user_attrs(trial, claim)  # one transaction: all four or none
-            lease.check()
+            step("stamped")
         except BaseException as error:
-            _void(study, trial._trial_id, f"claim not confirmed: {type(error).__name__}")
+            if _still_held(lease):  # else another claim may be voiding it: leave it to the sweep
+                _void(study, trial._trial_id, f"claim not confirmed: {type(error).__name__}")
             raise
         return trial
 
 
+def _still_held(lease: Any) -> bool:
+    try:
+        lease.check()
+    except Exception:  # noqa: BLE001  (lost, or the store is away: the same to the caller)
+        return False
+    return True
+
+
 def _void(study: optuna.Study, trial_id: int, reason: str) -> None:
     """Undo a claim: FAIL the trial with `void_reason` (counted nowhere); a retry it had taken off
-    the queue goes back on it. Best effort: if the store is away, the trial's heartbeat (or the
-    half-claim sweep) ends it later."""
-    storage = study._storage
+    the queue goes back on it. Best effort: if the store is away, the trial stays unstamped and
+    the next claim's sweep voids it."""
     try:
-        trial = storage.get_trial(trial_id)
-        storage.set_trial_user_attr(trial_id, ATTR_VOID, reason)
-        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-            return
-        if ATTR_RETRY_OF in trial.user_attrs:
-            keys = (ATTR_RETRY_OF, ATTR_RETRY_CHAIN, ATTR_RETRY_COUNT)
-            study.add_trial(
-                optuna.trial.create_trial(
-                    state=TrialState.WAITING,
-                    params=trial.params,
-                    distributions=trial.distributions,
-                    user_attrs={k: trial.user_attrs[k] for k in keys if k in trial.user_attrs},
-                )
-            )
+        _void_now(study, trial_id, reason)
     except Exception as e:  # noqa: BLE001  (see the docstring)
         _logger.warning("could not void trial id %d: %s", trial_id, e)
 
 
+def _void_now(study: optuna.Study, trial_id: int, reason: str) -> bool:
+    """`_void`, raising on a store error. Safe to repeat after a partial run: the retry goes
+    back on the queue first (unless a copy already is there), then the trial is failed."""
+    storage = study._storage
+    trial = storage.get_trial(trial_id)
+    if trial.state != TrialState.RUNNING:
+        return False  # voided already, or finished by its claimer after all
+    retry_of = trial.user_attrs.get(ATTR_RETRY_OF)
+    if retry_of is not None and not _retry_queued_elsewhere(study, trial):
+        keys = (ATTR_RETRY_OF, ATTR_RETRY_CHAIN, ATTR_RETRY_COUNT)
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={k: trial.user_attrs[k] for k in keys if k in trial.user_attrs},
+            )
+        )
+    try:
+        storage.set_trial_user_attr(trial_id, ATTR_VOID, reason)
+        return storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def _retry_queued_elsewhere(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Whether another live trial repeats the same interrupted one as `trial` (a copy queued by
+    an earlier, partial void of it)."""
+    retry_of = trial.user_attrs[ATTR_RETRY_OF]
+    return any(
+        other.number != trial.number
+        and other.user_attrs.get(ATTR_RETRY_OF) == retry_of
+        and not (other.state == TrialState.FAIL and ATTR_VOID in other.user_attrs)
+        for other in study.get_trials(deepcopy=False)
+    )
+
+
 def _void_half_claims(study: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
-    """Under the lock: RUNNING trials whose claim never completed (the store went away between
-    creating and tagging them) may have no heartbeat and would stay RUNNING forever; void them.
-    `trials` is the study's trials as just read; True if any was voided."""
-    now = time.time()
+    """Under the lock: void every RUNNING trial without the claim stamp. This process holds the
+    lock, so no claim is under way: each one is a claim that was cut off (its lock lost, its
+    store gone, its claimer dead) and would otherwise stay RUNNING. `trials` is the study's
+    trials as just read; True if any was voided. A store error propagates, so that the claim
+    does not count before they are void."""
     voided = False
     for trial in trials:
-        if trial.state != TrialState.RUNNING:
-            continue
-        # A claim records the heartbeat before the pid: a trial with a pid has a heartbeat, and
-        # going stale ends it if its worker vanished.
-        if ATTR_WORKER_PID in trial.user_attrs or trial.datetime_start is None:
-            continue
-        # datetime_start is naive UTC (every process runs with TZ=UTC)
-        started = trial.datetime_start.replace(tzinfo=datetime.UTC).timestamp()
-        if now - started > HALF_CLAIM_AGE_S:
-            _void(study, trial._trial_id, "claimed but never started (the store went away)")
+        if trial.state == TrialState.RUNNING and not claimed(trial):
+            _void_now(study, trial._trial_id, "claim cut off before it was stamped")
             voided = True
     return voided
 

@@ -131,6 +131,53 @@ def test_a_voided_claim_counts_nowhere_and_gives_its_retry_back(tmp_path):
     assert again.user_attrs["retry_of"] == first.number and again.params == first.params
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_cut_off_claim_counts_nowhere_and_the_next_claim_voids_it_at_once(store_url):
+    # A claim cut off between creating its trial and stamping it (its store went away, its
+    # lock was lost, its process died) leaves a RUNNING trial without the stamp.
+    storage = open_storage(store_url)
+    study = create_or_load_study(storage, unique("cut"), SETTINGS, budget=1)
+    cut = study.ask()
+    counts = count_trials(study.get_trials(deepcopy=False))
+    assert (counts.running, counts.claiming, counts.used) == (1, 1, 0)
+    trial = claim_trial(study, 1)  # the cut-off claim took no slot...
+    assert trial is not None and trial.user_attrs["claimed_unix"] > 0
+    voided = study._storage.get_trial(cut._trial_id)  # ...and is void now, not in two minutes
+    assert voided.state == TrialState.FAIL and "void_reason" in voided.user_attrs
+    counts = count_trials(study.get_trials(deepcopy=False))
+    assert (counts.running, counts.claiming, counts.void, counts.used) == (1, 0, 1, 1)
+    assert claim_trial(study, 1) is None
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_cut_off_claim_of_a_retry_gives_the_retry_back_once(tmp_path, monkeypatch):
+    storage = open_storage(f"sqlite:///{tmp_path / 'cut.db'}")
+    study = create_or_load_study(storage, "cut", SETTINGS, budget=2)
+    first = claim_trial(study, 2)
+    first.suggest_int("n", 0, 100)
+    assert fail_trial(study, first._trial_id, "interrupted", requeue=True)
+    cut = study.ask()  # takes the queued retry, and is cut off before its stamp
+    assert cut.user_attrs["retry_of"] == first.number
+    # Its claimer's undo is cut off too, after putting the retry back on the queue.
+    with monkeypatch.context() as patch:
+        patch.setattr(study._storage, "set_trial_user_attr", _store_gone)
+        _void(study, cut._trial_id, "claim not confirmed")
+    assert study._storage.get_trial(cut._trial_id).state == TrialState.RUNNING
+    # The next claim voids it without queueing the retry a second time, and takes the copy.
+    again = claim_trial(study, 2)
+    assert again.user_attrs["retry_of"] == first.number and again.params == first.params
+    assert study._storage.get_trial(cut._trial_id).state == TrialState.FAIL
+    trials = study.get_trials(deepcopy=False)
+    repeats = [t for t in trials if t.user_attrs.get("retry_of") == first.number]
+    assert sorted(t.state.name for t in repeats) == ["FAIL", "RUNNING"]
+    counts = count_trials(trials)
+    assert (counts.used, counts.waiting, counts.claiming, counts.void) == (1, 0, 0, 1)
+
+
+def _store_gone(*args, **kwargs):
+    raise ConnectionError("the store went away")
+
+
 def test_no_trial_is_claimed_once_the_deadline_has_passed_even_after_waiting_for_the_lock(
     tmp_path,
 ):
