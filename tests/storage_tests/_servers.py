@@ -180,6 +180,11 @@ class PrivateCluster:
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
+    def kill(self) -> None:
+        """Stop the server as a crash would: every session ends at once, nothing is shut down
+        cleanly (the next start recovers from the write-ahead log)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
     def close(self) -> None:
         subprocess.run(
             [*(["runuser", "-u", "postgres", "--"] if self.as_postgres else []),
