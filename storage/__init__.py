@@ -1,7 +1,8 @@
 """Where trials are kept: the Optuna store (embedded SQLite by default, or PostgreSQL).
 
 `resolve_url` picks the URL (flag, then $HPO_STORAGE, then sqlite:///hpo.db in the working
-directory), `open_storage` turns it into an Optuna RDBStorage with the right engine options, and
+directory), `open_storage` turns it into an Optuna RDBStorage with the right engine options (on a
+new store, Optuna's tables are made by one process at a time, so processes may start together), and
 `store_lock` serialises short critical sections across every process using the store, and
 `Reconnect` retries an operation while the store is briefly away (a server restart). Errors are
 StorageError subclasses whose messages are one line and never contain a password; `redact` hides

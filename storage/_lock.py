@@ -108,7 +108,10 @@ def advisory_lock(
 def file_lock(path: str, timeout_s: float, *, what: str) -> Iterator[None]:
     """An exclusive `flock` on `path` (created if missing); `what` names it in the timeout error."""
     # One file for all keys: claims are short, and SQLite has one writer at a time anyway.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StorageError(f"cannot open the lock file {path} ({e.strerror})") from None
     try:
         deadline = time.monotonic() + timeout_s
         while True:
