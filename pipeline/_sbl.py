@@ -66,8 +66,8 @@ class SblSettings:
     prune_after: int = 4  # iterations on the full grid before pruning
     n_kept: int = 300  # grid points kept per scene after pruning
     refine_rounds: int = 8  # pattern-search rounds of the likelihood refinement
-    count_threshold: float = 10.0  # nats: a source whose gain is below this is dropped ...
-    count_slope: float = 0.0  # ... plus this many nats per decade of power / noise (est.)
+    count_threshold: float = 7.0  # nats: a source whose gain is below this is dropped ...
+    count_slope: float = 6.0  # ... plus this many nats per decade of power / noise (est.)
 
     def __post_init__(self) -> None:
         if not self.grid_step_deg > 0:
