@@ -247,11 +247,7 @@ def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_pe
             numerator = _squared_magnitude(
                 torch.bmm(weighted.transpose(0, 1), atoms_conj)).sum(0)
         else:
-            sigma = (atoms * gamma[:, None, None, :].to(atoms.dtype)) @ atoms.conj().transpose(
-                -2, -1)
-            index = torch.arange(n_meas, device=y.device)
-            sigma[..., index, index] += noise[:, None, None].to(sigma.dtype)
-            inverse = _inverse(sigma)
+            inverse = _inverse(_model_covariance(atoms, gamma, noise))
             solved = inverse @ atoms  # (b, L, M, n_kept)
             denominator = (atoms.conj() * solved).real.sum(dim=(1, 2))
             weighted = (inverse @ y[..., None]).squeeze(-1)
