@@ -68,6 +68,8 @@ ATTR_HOST = "host"  # trial: the node its worker ran on (node_name())
 ATTR_PID_SPACE = "pid_space"  # trial: kernel boot and pid namespace its worker_pid is valid in
 HOST_ENV_VAR = "HPO_HOST"  # names this node in the store [default: the hostname]
 ATTR_CLAIMED_UNIX = "claimed_unix"  # trial: wall clock (s since the epoch) when it was claimed
+# Store lock key for creating studies: Optuna's study ids, the claims' keys, start at 1.
+CREATE_LOCK_KEY = 0
 # The points between the statements of a claim, in order, as `claim_trial(on_step=)` names them.
 CLAIM_STEPS = ("locked", "swept", "counted", "asked", "heartbeat", "checked", "stamped")
 
@@ -211,21 +213,27 @@ def create_or_load_study(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
-    """The study `name`, created with `settings` if new; StudyError if it exists with others."""
-    check_compatible(storage, name, settings)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=name,
-        direction=settings.direction,
-        load_if_exists=True,
-        sampler=sampler,
-        pruner=pruner,
-    )
-    if ATTR_SETTINGS not in study.user_attrs:
-        study.set_user_attr(ATTR_SETTINGS, settings.to_attrs())
-    study.set_user_attr(ATTR_BUDGET, budget)
-    if space is not None:
-        study.set_user_attr(ATTR_SPACE, space)
+    """The study `name`, created with `settings` if new; StudyError if it exists with others.
+
+    Check, creation and settings happen under the store lock `CREATE_LOCK_KEY`, so nodes that
+    start together with different settings cannot both pass the check: the first records its
+    settings and the others are refused, as a node that joins later is.
+    """
+    with store_lock(_rdb(storage), CREATE_LOCK_KEY):
+        check_compatible(storage, name, settings)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            direction=settings.direction,
+            load_if_exists=True,
+            sampler=sampler,
+            pruner=pruner,
+        )
+        if ATTR_SETTINGS not in study.user_attrs:
+            study.set_user_attr(ATTR_SETTINGS, settings.to_attrs())
+        study.set_user_attr(ATTR_BUDGET, budget)
+        if space is not None:
+            study.set_user_attr(ATTR_SPACE, space)
     return study
 
 

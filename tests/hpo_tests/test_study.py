@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import secrets
 import subprocess
 import sys
@@ -338,3 +339,28 @@ def test_the_reduction_factor_sets_how_few_trials_go_on_past_a_rung(reduction_fa
     trial = study.ask()
     trial.report(3.5, 1)
     assert trial.should_prune() is pruned
+
+
+def test_nodes_creating_one_study_together_with_other_settings_agree_on_one(store_url):
+    # Eight nodes reach an empty study at one instant, each with its own epochs: one records its
+    # settings, the seven others are refused as a later node would be (none overwrites them).
+    name = unique("together")
+    storages = [open_storage(store_url) for _ in range(8)]
+    barrier = threading.Barrier(len(storages))
+
+    def create(index: int) -> int | str:
+        settings = StudySettings(**{**SETTINGS.to_attrs(), "epochs": 2 + index})
+        barrier.wait()
+        try:
+            create_or_load_study(storages[index], name, settings, budget=5)
+        except StudyError as error:
+            return str(error)
+        return index
+
+    with concurrent.futures.ThreadPoolExecutor(len(storages)) as pool:
+        outcomes = list(pool.map(create, range(len(storages))))
+    winners = [o for o in outcomes if isinstance(o, int)]
+    assert len(winners) == 1, outcomes
+    assert all("was created with epochs" in o for o in outcomes if isinstance(o, str))
+    stored = optuna.load_study(study_name=name, storage=storages[0]).user_attrs["hpo_settings"]
+    assert stored["epochs"] == 2 + winners[0]
