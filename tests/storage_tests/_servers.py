@@ -2,7 +2,7 @@
 
 PostgreSQL is a real dependency here: when it cannot be reached the tests fail (with the reason),
 they are never skipped. $HPO_TEST_POSTGRES names an admin URL; the default is the local server
-that .ci/run starts (trust auth).
+that scripts/test.sh starts (trust auth).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _admin_connection() -> psycopg2.extensions.connection:
     except psycopg2.OperationalError as e:
         pytest.fail(
             f"PostgreSQL at {url.host}:{url.port or 5432} is not reachable ({str(e).strip()}); "
-            "these tests need it: start it (.ci/run does) or point $HPO_TEST_POSTGRES at one",
+            "these tests need it: start it (bash scripts/test.sh does) or point $HPO_TEST_POSTGRES at one",
             pytrace=False,
         )
     connection.autocommit = True
