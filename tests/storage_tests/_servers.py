@@ -36,7 +36,8 @@ def _admin_connection() -> psycopg2.extensions.connection:
     except psycopg2.OperationalError as e:
         pytest.fail(
             f"PostgreSQL at {url.host}:{url.port or 5432} is not reachable ({str(e).strip()}); "
-            "these tests need it: start it (bash scripts/test.sh does) or point $HPO_TEST_POSTGRES at one",
+            "these tests need it: start it (bash scripts/test.sh does) or point "
+            "$HPO_TEST_POSTGRES at one",
             pytrace=False,
         )
     connection.autocommit = True
