@@ -265,6 +265,11 @@ class _Worker:
             ),
             "loading the study",
         )
+        # Read the study's trials once, outside the store lock: Optuna keeps the finished ones,
+        # so each claim's read under the lock fetches only what changed since. In a study of
+        # 10,000 trials that first read took 17 CPU-s; made under the lock by 16 new workers at
+        # once, it kept claims waiting past the lock's timeout (bench/load.py, BENCHMARKS.md).
+        self.retry(lambda: self.study.get_trials(deepcopy=False), "reading the study")
         # The epochs after which the pruner can stop a trial: it is asked there only.
         self.prune_steps = pruning_steps(spec.pruner, spec.epochs, spec.reduction_factor)
         self.base = replace(preset(spec.preset), epochs=spec.epochs)
