@@ -235,12 +235,29 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _DRAIN_CHUNK_BYTES = 1 << 16
 
 
+# Shown on every page of a read-only dashboard, top right over the (empty there) app bar:
+# optuna-dashboard's own message for a refused study deletion does not give the server's reason.
+# Plain HTML and an inline style, which the page's Content-Security-Policy allows (no script);
+# above the app bar and drawer (z-index 1100, 1200), below dialogs and messages (1300, 1400);
+# clicks pass through it.
+READ_ONLY_BANNER = "Read-only: start hpo dashboard with --allow-edit to change studies"
+_BANNER_HTML = (
+    '<div id="hpo-read-only" role="status" style="position:fixed;top:16px;right:24px;'
+    "z-index:1250;pointer-events:none;padding:6px 14px;border-radius:16px;background:#fff3cd;"
+    'color:#5c4400;font:500 14px/20px Roboto,Helvetica,Arial,sans-serif">'
+    f"{READ_ONLY_BANNER}</div>"
+).encode()
+
+
 def refuse_writes(app: Any) -> Any:
     """`app` behind a guard that answers every request other than GET/HEAD/OPTIONS with 403 and
-    `{"reason": READ_ONLY_MESSAGE}` (the JSON shape of optuna-dashboard's own errors)."""
+    `{"reason": READ_ONLY_MESSAGE}` (the JSON shape of optuna-dashboard's own errors), and puts
+    `READ_ONLY_BANNER` on its pages."""
 
     def guarded(environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("REQUEST_METHOD", "GET").upper() in _SAFE_METHODS:
+            if environ.get("PATH_INFO", "").startswith("/dashboard"):
+                return _with_banner(app, environ, start_response)
             return app(environ, start_response)
         _drain(environ)
         body = json.dumps({"reason": READ_ONLY_MESSAGE}).encode()
@@ -251,6 +268,34 @@ def refuse_writes(app: Any) -> Any:
         return [body]
 
     return guarded
+
+
+def _with_banner(app: Any, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """The page's HTML with the banner as the first element of its body. Never answered 304
+    from the browser's cache, which may hold the page of an --allow-edit dashboard on this port."""
+    for header in ("HTTP_IF_MODIFIED_SINCE", "HTTP_IF_NONE_MATCH"):
+        environ.pop(header, None)
+    answer: list[Any] = []
+
+    def keep(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        answer[:] = [status, headers, exc_info]
+        return lambda data: None  # bottle never writes through this
+
+    result = app(environ, keep)
+    try:
+        body = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    status, headers, exc_info = answer
+    html = any(k.lower() == "content-type" and "text/html" in v for k, v in headers)
+    if status.startswith("200") and html and b"<body>" in body:
+        body = body.replace(b"<body>", b"<body>" + _BANNER_HTML, 1)
+        dropped = {"content-length", "last-modified", "etag", "cache-control"}
+        headers = [(k, v) for k, v in headers if k.lower() not in dropped]
+        headers += [("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
+    start_response(status, headers, exc_info)
+    return [body]
 
 
 def _drain(environ: dict[str, Any]) -> None:
