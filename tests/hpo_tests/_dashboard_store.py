@@ -17,7 +17,9 @@ class EditStudy:
     name: str
     study_id: int
     running_trial_id: int  # a trial the page offers to mark failed or complete
+    running_trial_number: int
     finished_trial_id: int  # a trial whose note the page lets one edit
+    finished_trial_number: int
 
 
 def edit_study(url: str) -> EditStudy:
@@ -43,7 +45,9 @@ def edit_study(url: str) -> EditStudy:
         name=name,
         study_id=study._study_id,
         running_trial_id=running._trial_id,
+        running_trial_number=running.number,
         finished_trial_id=finished._trial_id,
+        finished_trial_number=finished.number,
     )
 
 

@@ -3,6 +3,8 @@ the commands that read results (dashboard, report, best, train --from-best).
 
 Every test module that needs it asks for it through a fixture that calls `results_study`; the
 first call runs the study (about 20 s) and the others reuse it. Tests must not write to it.
+`results_study(..., url=...)` makes the same study in another store (a PostgreSQL database), once
+per URL.
 """
 
 from __future__ import annotations
@@ -41,11 +43,15 @@ class ResultsStudy:
 _made: dict[str, ResultsStudy] = {}
 
 
-def results_study(tmp_path_factory: pytest.TempPathFactory) -> ResultsStudy:
-    if "study" in _made:
-        return _made["study"]
+def results_study(
+    tmp_path_factory: pytest.TempPathFactory, url: str | None = None
+) -> ResultsStudy:
+    """The study in a new SQLite file, or in the store at `url`."""
+    key = url or "study"
+    if key in _made:
+        return _made[key]
     directory = tmp_path_factory.mktemp("results-study")
-    url = f"sqlite:///{directory / 'hpo.db'}"
+    url = url or f"sqlite:///{directory / 'hpo.db'}"
     (directory / "space.toml").write_text(SPACE)
     result = hpo(
         "run", "--trials", str(N_TRIALS), "--preset", "smoke", "--workers", "1",
@@ -60,5 +66,5 @@ def results_study(tmp_path_factory: pytest.TempPathFactory) -> ResultsStudy:
         "pipeline's scores changed: pick another SAMPLER_SEED in tests/hpo_tests/_results_study.py"
     )
     assert TrialState.FAIL in states, f"no failed trial among {states}: the search space changed"
-    _made["study"] = made
+    _made[key] = made
     return made

@@ -12,6 +12,7 @@ to install them (`.ci/run` installs both when they are missing), so CI cannot pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -20,13 +21,18 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from optuna.trial import TrialState
 
 from tests.hpo_tests._cli import environment
+from tests.hpo_tests._dashboard_store import EditStudy, edit_study, snapshot
 from tests.hpo_tests._results_study import results_study
+from tests.storage_tests._servers import fresh_postgres_database
 
 pytestmark = pytest.mark.slow
 
@@ -66,22 +72,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def study(request, tmp_path_factory):
+    """The results study made by `hpo run`, in a SQLite file and in a PostgreSQL database."""
+    if request.param == "postgresql":
+        return results_study(tmp_path_factory, request.getfixturevalue("postgres_url"))
     return results_study(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def dashboard(study):
-    """`hpo dashboard` on the study, in a subprocess; yields the study page's URL."""
+@dataclass(frozen=True)
+class Served:
+    process: subprocess.Popen[str]
+    base: str  # http://127.0.0.1:PORT
+
+
+def start_dashboard(url: str, study: str, cwd: Path, *options: str) -> Served:
+    """`hpo dashboard` on the store at `url`, in a subprocess; `await_dashboard` waits for it."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "hpo.cli", "dashboard", "--storage", study.url,
-         "--study", study.name, "--port", str(port)],
-        cwd=study.directory, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "hpo.cli", "dashboard", "--storage", url, "--study", study,
+         "--port", str(port), *options],
+        cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    return Served(process, f"http://127.0.0.1:{port}")
+
+
+def await_dashboard(served: Served) -> str:
+    """The study page's URL, once the dashboard answers."""
+    process, base = served.process, served.base
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         if process.poll() is not None:
@@ -99,20 +119,35 @@ def dashboard(study):
     first_line = process.stdout.readline().strip()
     url = first_line.rsplit(" ", 1)[-1]
     assert url.startswith(f"{base}/dashboard/studies/"), first_line
-    yield url
-    process.send_signal(signal.SIGINT)  # Ctrl-C: stops cleanly, exit 0
+    return url
+
+
+def stop_dashboard(served: Served) -> str:
+    """Ctrl-C: it stops cleanly, exit 0, and nothing went wrong while it served (an exception
+    in a request would be on stderr). Returns its stderr."""
+    process = served.process
+    process.send_signal(signal.SIGINT)
     try:
         _, stderr = process.communicate(timeout=60)  # generous: a loaded CI machine
     except subprocess.TimeoutExpired:
         process.kill()
         raise
     assert process.returncode == 0, stderr
-    # Whatever went wrong while serving (an exception in a request) would be on stderr.
     assert "Traceback" not in stderr, stderr
+    return stderr
 
 
 @pytest.fixture(scope="module")
-def browser():
+def dashboard(study):
+    """`hpo dashboard` on the study, in a subprocess; yields the study page's URL."""
+    served = start_dashboard(study.url, study.name, study.directory)
+    yield await_dashboard(served)
+    stop_dashboard(served)
+
+
+@contextlib.contextmanager
+def launched_browser() -> Iterator[Any]:
+    """Headless Chromium under Selenium, with its console log kept."""
     require_browser()
     try:
         from selenium import webdriver
@@ -130,8 +165,18 @@ def browser():
         # it must not try to download (there is no network).
         patch.setenv("SE_OFFLINE", "true")
         driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    yield driver
-    driver.quit()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser(dashboard):
+    # One per dashboard, closed before it stops: a page left polling a stopped dashboard would
+    # put connection errors in the console the next test reads.
+    with launched_browser() as driver:
+        yield driver
 
 
 def screenshot(driver, name: str) -> Path:
@@ -282,3 +327,186 @@ def test_api_shows_every_config_field_whole(study, dashboard):
         assert {f"config.{k}" for k in config} <= set(attrs)
         assert all(len(value) < 1024 for value in attrs.values())
         assert "config" not in attrs and "history" not in attrs
+
+
+# ------------------------------------------- changing the store from the page: refused, or not
+
+EDIT_MODES = {"read-only": (), "allow-edit": ("--allow-edit",)}
+
+
+@dataclass(frozen=True)
+class EditSetup:
+    url: str  # a PostgreSQL database of its own
+    studies: dict[str, EditStudy]  # by mode: the study each dashboard's page tries to change
+    pages: dict[str, str]  # by mode: that study's page on the dashboard started in that mode
+
+
+@pytest.fixture(scope="module")
+def edits(tmp_path_factory) -> Iterator[EditSetup]:
+    """Two studies in a fresh PostgreSQL database, and `hpo dashboard` on it twice: read-only
+    (the default) and with --allow-edit, started together."""
+    directory = tmp_path_factory.mktemp("dashboard-edits")
+    with fresh_postgres_database() as url:
+        studies = {mode: edit_study(url) for mode in EDIT_MODES}
+        served = {
+            mode: start_dashboard(url, studies[mode].name, directory, *options)
+            for mode, options in EDIT_MODES.items()
+        }
+        try:
+            pages = {mode: await_dashboard(one) for mode, one in served.items()}
+            yield EditSetup(url=url, studies=studies, pages=pages)
+        finally:
+            stderr = {mode: stop_dashboard(one) for mode, one in served.items()}
+        assert "read-only" in stderr["read-only"] and "read-only" not in stderr["allow-edit"]
+
+
+@pytest.fixture(scope="module")
+def edit_browser(edits):
+    with launched_browser() as driver:
+        yield driver
+
+
+def messages(driver) -> list[str]:
+    """The texts of the messages (notistack snackbars) the page shows now."""
+    from selenium.webdriver.common.by import By
+
+    return [node.text for node in driver.find_elements(By.CSS_SELECTOR, "#notistack-snackbar")]
+
+
+def wait_for_message(driver, text: str) -> None:
+    wait_for(driver, lambda d: text in messages(d), f"the message {text!r}")
+
+
+def click_button(driver, label: str, within: str = "") -> None:
+    """The displayed button reading `label` (as shown: MUI upper-cases them)."""
+    from selenium.webdriver.common.by import By
+
+    def find(d):
+        found = [b for b in d.find_elements(By.XPATH, f"{within}//button") if b.is_displayed()]
+        return next((b for b in found if b.text == label), False)
+
+    wait_for(driver, find, f"a {label!r} button").click()
+
+
+def delete_study_from_list(driver, base: str, made: EditStudy) -> None:
+    """The study list's delete button on the study's card, then "Yes" in the dialog."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base}/dashboard")
+    card = (
+        "//div[contains(@class, 'MuiCard-root')]"
+        f"[contains(normalize-space(.), {json.dumps(made.name)})]"
+    )
+    wait_for(
+        driver,
+        lambda d: d.find_elements(By.XPATH, f"{card}//button[@aria-label='delete study']"),
+        f"the card of {made.name}",
+    )[0].click()
+    click_button(driver, "YES", within="//div[@role='dialog']")
+
+
+def fail_trial_from_its_page(driver, page: str, number: int) -> None:
+    driver.get(f"{page}/trials?numbers={number}")
+    click_button(driver, "FAIL TRIAL")
+
+
+def write_trial_note(driver, page: str, number: int, note: str) -> None:
+    """The pencil of the trial's Note box, the note typed into the editor, "Save"."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{page}/trials?numbers={number}")
+    heading = f"Trial {number} (trial_id="
+    wait_for(driver, lambda d: heading in d.find_element(By.TAG_NAME, "body").text,
+             f"trial {number}")  # fmt: skip
+    # The pencil is the page's last icon button (the Note box comes after the trial list).
+    driver.find_elements(By.CSS_SELECTOR, "button.MuiIconButton-root")[-1].click()
+    editor = wait_for(
+        driver,
+        lambda d: [
+            t for t in d.find_elements(By.XPATH, "//textarea")
+            if t.is_displayed()
+        ],
+        "the note editor",
+    )[0]  # fmt: skip
+    editor.send_keys(note)
+    click_button(driver, "SAVE")
+
+
+def banner(driver) -> str | None:
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.ID, "hpo-read-only")
+    return found[0].text if found and found[0].is_displayed() else None
+
+
+def test_a_read_only_dashboard_refuses_changes_with_a_visible_message(edits, edit_browser):
+    from hpo._dashboard import READ_ONLY_BANNER, READ_ONLY_MESSAGE
+
+    driver, made, page = edit_browser, edits.studies["read-only"], edits.pages["read-only"]
+    base = page.split("/dashboard/")[0]
+    before = snapshot(edits.url)
+
+    delete_study_from_list(driver, base, made)
+    # optuna-dashboard's message for a failed deletion leaves out the server's reason: the banner
+    # on every page of a read-only dashboard gives it.
+    wait_for_message(driver, f"Failed to delete study (id={made.study_id})")
+    assert banner(driver) == READ_ONLY_BANNER
+    screenshot(driver, "dashboard-read-only-delete-study.png")
+
+    fail_trial_from_its_page(driver, page, made.running_trial_number)
+    wait_for_message(
+        driver,
+        f"Failed to update trial (id={made.running_trial_id}, state=Fail). "
+        f"Reason: {READ_ONLY_MESSAGE}",
+    )
+    screenshot(driver, "dashboard-read-only-fail-trial.png")
+
+    write_trial_note(driver, page, made.finished_trial_number, "changed from the page")
+    wait_for_message(driver, f"Failed: {READ_ONLY_MESSAGE}")
+    screenshot(driver, "dashboard-read-only-note.png")
+
+    assert snapshot(edits.url) == before
+    # The page's console holds the refused requests, and nothing else.
+    entries = driver.get_log("browser")
+    for entry in entries:
+        print(f"console {entry['level']}: {entry['message']}")
+    errors = [e for e in entries if e["level"] == "SEVERE"]
+    refused = ("status of 403 (Forbidden)", READ_ONLY_MESSAGE)  # the response, the page's error
+    assert errors and all(any(r in e["message"] for r in refused) for e in errors), errors
+
+
+def test_with_allow_edit_the_same_changes_are_made(edits, edit_browser):
+    driver, made, page = edit_browser, edits.studies["allow-edit"], edits.pages["allow-edit"]
+    base = page.split("/dashboard/")[0]
+    other = edits.studies["read-only"].name
+    before = snapshot(edits.url)
+    note = "changed from the page"
+
+    fail_trial_from_its_page(driver, page, made.running_trial_number)
+    # The page says nothing when this works; the trial's chip turns to "Fail".
+    wait_for(
+        driver,
+        lambda d: {n: st for n, st, *_ in snapshot(edits.url)[made.name]["trials"]}[
+            made.running_trial_number
+        ]
+        == TrialState.FAIL,
+        "the trial failed",
+    )
+    write_trial_note(driver, page, made.finished_trial_number, note)
+    wait_for(
+        driver,
+        lambda d: note in json.dumps(snapshot(edits.url)[made.name]["system_attrs"]),
+        "the note saved",
+    )
+    assert banner(driver) is None
+    after = snapshot(edits.url)[made.name]
+    states = {number: state for number, state, *_ in after["trials"]}
+    assert states[made.running_trial_number] == TrialState.FAIL
+    assert note in json.dumps(after["system_attrs"])  # notes are study system attributes
+
+    delete_study_from_list(driver, base, made)
+    wait_for_message(driver, f"Success to delete a study (id={made.study_id})")
+    after = snapshot(edits.url)
+    assert made.name in before and made.name not in after
+    assert after[other] == before[other]  # the other study is untouched
+    assert_console_clean(driver)
