@@ -505,7 +505,7 @@ def test_with_allow_edit_the_same_changes_are_made(edits, edit_browser):
     assert note in json.dumps(after["system_attrs"])  # notes are study system attributes
 
     delete_study_from_list(driver, base, made)
-    wait_for_message(driver, f"Success to delete a study (id={made.study_id})")
+    wait_for(driver, lambda d: made.name not in snapshot(edits.url), "the study deleted")
     after = snapshot(edits.url)
     assert made.name in before and made.name not in after
     assert after[other] == before[other]  # the other study is untouched
