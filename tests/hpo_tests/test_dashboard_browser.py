@@ -63,7 +63,8 @@ def require_browser() -> None:
         pytest.fail(
             f"{' and '.join(missing)} not found: the dashboard browser test needs Debian's "
             "chromium and chromium-driver (apt-get install -y chromium chromium-driver; "
-            "bash scripts/test.sh installs them). It fails rather than skips so that CI cannot pass without it."
+            "bash scripts/test.sh installs them). It fails rather than skips so that CI cannot "
+            "pass without it."
         )
 
 
