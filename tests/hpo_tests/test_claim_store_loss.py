@@ -44,6 +44,7 @@ _NODE = textwrap.dedent(
     retry = Reconnect(deadline_s=120)
     storage = open_storage(url, patience_s=60)
     study = retry(lambda: optuna.load_study(study_name=name, storage=storage), "loading")
+    print("ready", flush=True)  # the test kills the server only once both nodes are here
     armed = [bool(plan)]
 
     def on_step(step):
@@ -102,6 +103,10 @@ def test_a_store_killed_at_each_step_of_a_claim_costs_no_budget_and_leaves_nothi
         killer = _node(cluster.url, name, 0.02, ",".join(f"{s}:{m}" for s, m in plan))
         other = _node(cluster.url, name, 1.0, "")  # claims between the killer's cut-off claims
         nodes = [killer, other]
+        # Opening the store is not what this test is about: a node still starting (slow on a
+        # loaded machine) when the first kill comes would fail there, before any claim.
+        for node in nodes:
+            assert node.stdout.readline() == "ready\n"
         kills = []
         while (line := killer.stdout.readline()).startswith("kill "):
             _, step, mode = line.split()
@@ -116,8 +121,8 @@ def test_a_store_killed_at_each_step_of_a_claim_costs_no_budget_and_leaves_nothi
                 cluster.start()
         outputs = {"killer": (line, *killer.communicate(timeout=300))}
         outputs["other"] = other.communicate(timeout=300)
-        for node in nodes:
-            assert node.returncode == 0, node.stderr
+        for role, node in zip(("killer", "other"), nodes, strict=True):
+            assert node.returncode == 0, f"{role}: {outputs[role][-1][-3000:]}"
         storage = optuna.storages.RDBStorage(cluster.url)
         trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
         storage.engine.dispose()
