@@ -246,6 +246,14 @@ def matching_pursuit(measurements: torch.Tensor, n_sources: torch.Tensor, deploy
             points.append(picked.gather(1, order[..., None].expand(-1, -1, 3)))
             masks.append(share >= 0.0)
             scores.append(share.clamp_min(0.0))
+    return localization_from_points(points, masks, scores, k_max, device)
+
+
+def localization_from_points(points: list[torch.Tensor], masks: list[torch.Tensor],
+                             scores: list[torch.Tensor], k_max: int,
+                             device: torch.device) -> Localization:
+    """One Localization from chunks of (b, k_max, 3) points (az, el, 1/r), (b, k_max) masks and
+    scores; empty (0, k_max) when there are no chunks. Masked-out slots hold zeros."""
     if not points:
         empty = torch.zeros(0, k_max, device=device)
         return Localization(empty, empty, empty, empty.bool(), empty)
@@ -258,4 +266,3 @@ def matching_pursuit(measurements: torch.Tensor, n_sources: torch.Tensor, deploy
         mask=mask,
         score=torch.where(mask, score, zero),
     )
-

@@ -50,7 +50,7 @@ from pipeline._evaluate import (
     music_grid,
 )
 from pipeline._physics import Deployment
-from pipeline._pursuit import _coded_atoms, coded_dictionary
+from pipeline._pursuit import _coded_atoms, coded_dictionary, localization_from_points
 
 _TINY = 1e-12
 _STENCIL_POINTS = 3
@@ -540,15 +540,4 @@ def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
             points.append(point.gather(1, order[..., None].expand(-1, -1, 3)))
             masks.append(share >= 0.0)
             scores.append(share.clamp(0.0, 1.0))
-    if not points:
-        empty = torch.zeros(0, k_max, device=device)
-        return Localization(empty, empty, empty, empty.bool(), empty)
-    point, mask, score = torch.cat(points), torch.cat(masks), torch.cat(scores)
-    zero = torch.zeros((), device=device)
-    return Localization(
-        azimuth_rad=torch.where(mask, point[..., 0], zero),
-        elevation_rad=torch.where(mask, point[..., 1], zero),
-        range_m=torch.where(mask, 1.0 / point[..., 2].clamp_min(1e-6), zero),
-        mask=mask,
-        score=torch.where(mask, score, zero),
-    )
+    return localization_from_points(points, masks, scores, k_max, device)
