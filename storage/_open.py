@@ -145,7 +145,18 @@ def _sqlite_connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
         path, timeout=busy_timeout_s, isolation_level="IMMEDIATE", check_same_thread=False
     )
     connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-    connection.execute("PRAGMA journal_mode = WAL")  # persistent in the file; cheap when set
+    # Persistent in the file; cheap once set. Switching a new file to WAL needs the exclusive lock,
+    # and SQLite answers "database is locked" at once, without its busy handler, when another
+    # connection is opening the same new file: wait for it as the busy timeout would.
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     connection.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; no fsync per commit
     return connection
 
