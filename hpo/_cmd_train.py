@@ -141,7 +141,7 @@ def train(
     """
     from pipeline import apply_overrides, config_to_dict, replace, resolve_device
     from pipeline import train as run_training
-    from pipeline._references import reference_metrics
+    from pipeline import reference_metrics
 
     if from_best and config_file is not None:
         fail("--from-best and --config both give the config; use one")
@@ -226,7 +226,7 @@ def diagnose(
 ) -> None:
     """Print the scale table behind the four normalization fixes on one batch."""
     from pipeline import resolve_device
-    from pipeline._diagnose import scale_report
+    from pipeline import scale_report
 
     try:
         config = build_config(preset, assignments, seed=seed)
