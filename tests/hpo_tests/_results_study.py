@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.hpo_tests._cli import hpo
+from hpo.testing import hpo
 
 STUDY = "results-smoke"
 N_TRIALS = 7

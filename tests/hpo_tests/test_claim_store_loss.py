@@ -16,9 +16,9 @@ import pytest
 from optuna.trial import TrialState
 
 from hpo._study import CLAIM_STEPS, StudySettings, count_trials, create_or_load_study
+from hpo.testing import environment
 from storage import open_storage
-from tests.hpo_tests._cli import environment
-from tests.storage_tests._servers import PrivateCluster
+from storage.testing import PrivateCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -3,29 +3,21 @@ and no study (nor store file) left behind."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import optuna
 import pytest
 
 from hpo._study import StudySettings, claim_trial, create_or_load_study
+from hpo.testing import assert_one_line_error as _one_line_error
+from hpo.testing import invoke
 from storage import open_storage
-from tests.hpo_tests._cli import invoke
-from tests.storage_tests._servers import postgres_url_with
+from storage.testing import postgres_url_with
 
 SECRET = "hunter2-secret"
-
-
-def assert_one_line_error(result, fragment: str, code: int = 2) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    assert SECRET not in result.output
-    assert result.stdout == ""
-    return lines[0]
+# Every error here must also keep this password out of the output.
+assert_one_line_error = functools.partial(_one_line_error, secret=SECRET)
 
 
 @pytest.fixture

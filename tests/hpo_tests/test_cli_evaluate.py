@@ -13,18 +13,9 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import binomtest
 
-from tests.hpo_tests._cli import invoke
+from hpo.testing import assert_one_line_error, invoke
 
 METHODS = {"learned", "samp", "pursuit", "sbl", "oracle", "crb"}
-
-
-def assert_one_line_error(result, fragment: str, code: int = 2) -> None:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,8 @@ from hpo._dashboard import (
     dashboard_app,
     flatten_attrs,
 )
-from tests.hpo_tests._cli import invoke
+from hpo.testing import assert_one_line_error, invoke
 from tests.hpo_tests._dashboard_store import EditStudy, edit_study, snapshot
-
-
-def assert_one_line_error(result, fragment: str, code: int = 2) -> None:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_flatten_opens_dicts_and_tables_of_rows():

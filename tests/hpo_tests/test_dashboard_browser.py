@@ -30,10 +30,10 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
-from tests.hpo_tests._cli import environment
+from hpo.testing import environment
+from storage.testing import fresh_postgres_database
 from tests.hpo_tests._dashboard_store import EditStudy, edit_study, snapshot
 from tests.hpo_tests._results_study import results_study
-from tests.storage_tests._servers import fresh_postgres_database
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from hpo._study import count_trials
-from tests.hpo_tests._nodes import FINISHED, StoreReader, finish, start_node
+from hpo.testing import FINISHED, StoreReader, finish, start_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from hpo._study import count_trials
-from tests.hpo_tests._cli import environment, hpo
-from tests.hpo_tests._nodes import FINISHED, StoreReader
-from tests.storage_tests._servers import _free_port, fresh_postgres_database
+from hpo.testing import FINISHED, StoreReader, environment, hpo
+from storage.testing import free_port, fresh_postgres_database
 
 BUDGET = 3
 
@@ -90,7 +89,7 @@ def test_commands_started_together_on_an_empty_store_all_succeed(kind, tmp_path)
             "status-json": ["status", *store, "--json"],
             "best": ["best", *store],
             "report": ["report", *store, "--out", str(tmp_path / "report")],
-            "dashboard": ["dashboard", *store[:2], "--port", str(_free_port())],
+            "dashboard": ["dashboard", *store[:2], "--port", str(free_port())],
         }
         processes = {key: _start(args, tmp_path / key) for key, args in commands.items()}
         try:

@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from hpo._study import count_trials
-from tests.hpo_tests._nodes import FINISHED, StoreReader, finish, mid_trial, start_node
+from hpo.testing import FINISHED, StoreReader, finish, mid_trial, start_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from PIL import Image
 
 from hpo._report import STATE_STYLE, _plot_intermediate_values_mpl
-from tests.hpo_tests._cli import invoke
+from hpo.testing import assert_one_line_error, invoke
 from tests.hpo_tests._results_study import results_study
 
 pytestmark = pytest.mark.slow
@@ -33,14 +33,6 @@ def report_dir(study, tmp_path_factory):
     assert result.stderr == "", result.stderr  # no warnings, no notes: everything was drawn
     assert f"best: trial {study.load().best_trial.number}," in result.stdout
     return out
-
-
-def assert_one_line_error(result, fragment: str, code: int) -> None:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("name", FIGURES)

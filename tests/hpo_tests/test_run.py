@@ -18,8 +18,8 @@ import pytest
 from optuna.trial import TrialState
 
 from hpo._study import count_trials
-from tests.hpo_tests._cli import environment, run_argv
-from tests.storage_tests._servers import DUMMY_PASSWORD
+from hpo.testing import environment, run_argv
+from storage.testing import DUMMY_PASSWORD
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import secrets
 import pytest
 
 from hpo._study import count_trials
-from tests.hpo_tests._nodes import FINISHED, StoreReader, finish, mid_trial, start_node
-from tests.storage_tests._servers import DUMMY_PASSWORD, PrivateCluster
+from hpo.testing import FINISHED, StoreReader, finish, mid_trial, start_node
+from storage.testing import DUMMY_PASSWORD, PrivateCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -8,8 +8,8 @@ import json
 import optuna
 import pytest
 
+from hpo.testing import assert_one_line_error, hpo, invoke
 from pipeline import load_checkpoint
-from tests.hpo_tests._cli import hpo, invoke
 from tests.hpo_tests._results_study import results_study
 
 pytestmark = pytest.mark.slow
@@ -18,15 +18,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     return results_study(tmp_path_factory)
-
-
-def assert_one_line_error(result, fragment: str, code: int) -> None:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
 
 
 def best_json(study) -> dict:

@@ -15,7 +15,7 @@ from storage import (
     open_storage,
     parse_url,
 )
-from tests.storage_tests._servers import DUMMY_PASSWORD, postgres_url_with
+from storage.testing import DUMMY_PASSWORD, postgres_url_with
 
 
 def test_sqlite_connections_use_wal_a_busy_timeout_and_immediate_writes(tmp_path):

@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from storage import Reconnect, StorageUnreachableError, open_storage, parse_url, store_lock
-from tests.storage_tests._servers import DUMMY_PASSWORD, PrivateCluster
+from storage.testing import DUMMY_PASSWORD, PrivateCluster
 
 pytestmark = pytest.mark.postgres
 

@@ -17,7 +17,7 @@ from optuna.storages._rdb import models
 
 from storage import StorageSchemaError, open_storage, parse_url
 from storage._schema import SCHEMA_TABLES, schema_ready
-from tests.storage_tests._servers import DUMMY_PASSWORD, fresh_postgres_database
+from storage.testing import DUMMY_PASSWORD, fresh_postgres_database
 
 N_PROCESSES = 8
 N_ROUNDS = 5

@@ -1,8 +1,13 @@
-"""Helpers for the multi-process tests: start `hpo run` drivers ("nodes"), read the study back
-through a separate connection, and wait for conditions on the stored trials."""
+"""Running `hpo` as a user does, for the tests and the benchmarks: commands, nodes, a store reader.
+
+As `optuna.testing` does for Optuna, this module ships with the package so that the test suite and
+`bench/` share one copy; nothing in the service imports it. Every command runs with the store URL
+cleared from the environment (a developer's $HPO_STORAGE never leaks in) and on the CPU.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -11,12 +16,56 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from typer.testing import CliRunner, Result
 
+from hpo.cli import app
 from storage import Reconnect
-from tests.hpo_tests._cli import environment
+from storage.testing import DUMMY_PASSWORD
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
+
+def environment(**extra: str) -> dict[str, str]:
+    """For `hpo` in a fresh interpreter: no store URL, no GPU, UTC (Optuna's naive datetimes)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC", **extra}
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    """`hpo ARGS` in this process (typer's CliRunner)."""
+    return CliRunner().invoke(app, list(args), env={"HPO_STORAGE": "", **(env or {})})
+
+
+def hpo(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`hpo ARGS` in a fresh interpreter, as a user runs it."""
+    return run_argv([sys.executable, "-m", "hpo.cli", *args], cwd=cwd, timeout=timeout)
+
+
+def run_argv(argv: list[str], *, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`argv` (an `hpo` command line) to its end, output captured, in `environment()`."""
+    return subprocess.run(
+        argv, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )  # fmt: skip
+
+
+def assert_one_line_error(
+    result: Result, fragment: str, code: int = 2, *, secret: str | None = None,
+    quiet_stdout: bool = True,
+) -> str:  # fmt: skip
+    """The CLI's contract for bad input: exit `code`, exactly one line on stderr starting with
+    "error: " and holding `fragment`, no traceback, no password (the tests' dummy one or
+    `secret`) anywhere, and (unless `quiet_stdout` is False) nothing on stdout. Returns the line."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    for hidden in (DUMMY_PASSWORD, secret):
+        assert not hidden or hidden not in result.output, result.output
+    if quiet_stdout:
+        assert result.stdout == "", result.stdout
+    return lines[0]
 
 def start_node(
     url: str,
@@ -79,6 +128,7 @@ class StoreReader:
 
 
 def finish(node: subprocess.Popen[str], timeout_s: float) -> tuple[int, str, str]:
+    """Wait for a node to exit; (returncode, stdout, stderr). Kills it and fails on timeout."""
     try:
         out, err = node.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -89,6 +139,7 @@ def finish(node: subprocess.Popen[str], timeout_s: float) -> tuple[int, str, str
 
 
 def worker_logs(*dirs: Path) -> str:
+    """Every worker log under each node directory's runs/, joined."""
     return "\n".join(p.read_text() for d in dirs for p in (d / "runs").rglob("*.log"))
 
 

@@ -1,8 +1,10 @@
-"""Real servers for the storage tests: a fresh PostgreSQL database, and a password-refusing peer.
+"""Real PostgreSQL servers for the tests and the benchmarks: fresh databases, throwaway clusters.
 
-PostgreSQL is a real dependency here: when it cannot be reached the tests fail (with the reason),
-they are never skipped. $HPO_TEST_POSTGRES names an admin URL; the default is the local server
-that scripts/test.sh starts (trust auth).
+As `optuna.testing` does for Optuna, this module ships with the package so that the test suite and
+`bench/` share one copy; nothing in the service imports it. PostgreSQL is a real dependency: when
+it cannot be reached, or its binaries are missing, these helpers raise `ServerUnavailableError`
+with the reason, so a test that needs it fails and is never skipped. $HPO_TEST_POSTGRES names an
+admin URL; the default is the local server that scripts/test.sh starts (trust auth).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
-import pytest
 from sqlalchemy.engine import make_url
 
 ADMIN_URL = os.environ.get("HPO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -29,17 +30,20 @@ ADMIN_URL = os.environ.get("HPO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1
 DUMMY_PASSWORD = "pw-" + secrets.token_hex(6)
 
 
+class ServerUnavailableError(RuntimeError):
+    """A PostgreSQL server or its binaries, needed by a test or a benchmark, are not there."""
+
+
 def _admin_connection() -> psycopg2.extensions.connection:
     url = make_url(ADMIN_URL).set(drivername="postgresql")
     try:
         connection = psycopg2.connect(url.render_as_string(hide_password=False), connect_timeout=5)
     except psycopg2.OperationalError as e:
-        pytest.fail(
+        raise ServerUnavailableError(
             f"PostgreSQL at {url.host}:{url.port or 5432} is not reachable ({str(e).strip()}); "
-            "these tests need it: start it (bash scripts/test.sh does) or point "
-            "$HPO_TEST_POSTGRES at one",
-            pytrace=False,
-        )
+            "this needs it: start it (bash scripts/test.sh does) or point $HPO_TEST_POSTGRES at "
+            "one"
+        ) from None
     connection.autocommit = True
     return connection
 
@@ -135,7 +139,7 @@ class PrivateCluster:
     """A throwaway PostgreSQL cluster (initdb in a temporary directory, trust auth, a free port on
     127.0.0.1) that a test may restart or stop: the shared server on 5432 is never touched.
 
-    The server binaries are a real dependency: without them the test fails, it is not skipped.
+    The server binaries are a real dependency: without them this raises ServerUnavailableError.
     As root, the server runs as the `postgres` user (PostgreSQL refuses to run as root).
     """
 
@@ -144,7 +148,7 @@ class PrivateCluster:
         self.root = Path(tempfile.mkdtemp(prefix="hpo-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.as_postgres = os.geteuid() == 0
         if self.as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
@@ -166,7 +170,7 @@ class PrivateCluster:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             log = self.log.read_text() if self.log.exists() else ""
-            pytest.fail(f"{tool} {' '.join(args)} failed: {result.stderr}{log}", pytrace=False)
+            raise ServerUnavailableError(f"{tool} {' '.join(args)} failed: {result.stderr}{log}")
         return result
 
     def start(self) -> None:
@@ -202,13 +206,12 @@ def _postgres_bin_dir() -> Path:
         return found[-1].parent
     if on_path:
         return Path(on_path).parent
-    pytest.fail(
-        "initdb/pg_ctl not found (looked in /usr/lib/postgresql/*/bin and PATH); the restart "
-        "tests need the PostgreSQL server binaries (apt-get install postgresql)",
-        pytrace=False,
+    raise ServerUnavailableError(
+        "initdb/pg_ctl not found (looked in /usr/lib/postgresql/*/bin and PATH); a private "
+        "cluster needs the PostgreSQL server binaries (apt-get install postgresql)"
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as probe:
         return probe.getsockname()[1]
