@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hpo._study import count_trials
-from tests.hpo_tests._nodes import StoreReader, finish, mid_trial, start_node
-from tests.storage_tests._servers import PrivateCluster
+from hpo.testing import StoreReader, finish, mid_trial, start_node
+from storage.testing import PrivateCluster
 
 EPOCHS = 4
 HEARTBEAT_S, GRACE_S = 2, 10
