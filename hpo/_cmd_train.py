@@ -139,9 +139,14 @@ def train(
     The config is a preset, the best trial of a study (--from-best) or a JSON file (--config);
     --set, --epochs and --seed apply on top of it.
     """
-    from pipeline import apply_overrides, config_to_dict, replace, resolve_device
+    from pipeline import (
+        apply_overrides,
+        config_to_dict,
+        reference_metrics,
+        replace,
+        resolve_device,
+    )
     from pipeline import train as run_training
-    from pipeline import reference_metrics
 
     if from_best and config_file is not None:
         fail("--from-best and --config both give the config; use one")
@@ -225,8 +230,7 @@ def diagnose(
     as_json: JsonOption = False,
 ) -> None:
     """Print the scale table behind the four normalization fixes on one batch."""
-    from pipeline import resolve_device
-    from pipeline import scale_report
+    from pipeline import resolve_device, scale_report
 
     try:
         config = build_config(preset, assignments, seed=seed)

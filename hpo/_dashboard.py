@@ -35,11 +35,10 @@ from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._errors import DashboardError
+
 READ_ONLY_MESSAGE = "this dashboard is read-only; start it with --allow-edit to change studies"
 
-
-class DashboardError(Exception):
-    """The dashboard cannot be served as asked (e.g. the port is taken)."""
 
 
 class ReadOnlyError(HTTPError):

@@ -40,6 +40,7 @@ from typing import IO
 import optuna
 from optuna.trial import TrialState
 
+from hpo._errors import LaunchError
 from hpo._study import (
     ATTR_WORKER_PID,
     StudyCounts,
@@ -63,9 +64,6 @@ START_METHODS = ("forkserver", "exec")
 STOP_GRACE_S = 20.0  # after a Ctrl-C, how long workers get to record their trials
 POLL_S = 0.2
 
-
-class LaunchError(ValueError):
-    """The worker layout asked for cannot be made on this machine (e.g. a GPU that is not there)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 import torch
 
+from hpo._errors import NonFiniteObjective
 from hpo._trial_writes import report_epoch, set_user_attrs
 from pipeline import (
     CHECKPOINT_NAME,
@@ -71,9 +72,6 @@ class TrialRun:
     resumed_from_epoch: int = 0  # epochs restored from a checkpoint (0: trained from scratch)
     checkpoint: Path | None = None  # the last epoch's checkpoint file
 
-
-class NonFiniteObjective(ArithmeticError):
-    pass
 
 
 def run_trial(

@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._errors import NothingToReport, OutputNotWritable
 from hpo._study import (
     ATTR_BUDGET,
     ATTR_CHECKPOINT,
@@ -48,16 +49,7 @@ STATE_STYLE: dict[TrialState, dict[str, Any]] = {
 }
 
 
-class ReportError(Exception):
-    """The report cannot be written."""
 
-
-class NothingToReport(ReportError):
-    """The study has no finished trial."""
-
-
-class OutputNotWritable(ReportError):
-    """The output directory cannot be created or written."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 
 import optuna
 
+from hpo._errors import SpaceError
 from pipeline import ConfigError, ExperimentConfig, replace
 
 _UNSEARCHABLE = {
@@ -33,9 +34,6 @@ _UNSEARCHABLE = {
 }
 _RANGE_KEYS = {"low", "high", "log", "step"}
 
-
-class SpaceError(ValueError):
-    """The search space file is unreadable or names an unknown field or an impossible range."""
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._errors import StudyError
 from hpo._trial_writes import set_user_attrs
 from storage import store_lock
 
@@ -73,9 +74,6 @@ CREATE_LOCK_KEY = 0
 # The points between the statements of a claim, in order, as `claim_trial(on_step=)` names them.
 CLAIM_STEPS = ("locked", "swept", "counted", "asked", "heartbeat", "checked", "stamped")
 
-
-class StudyError(Exception):
-    """The study cannot be used as asked (missing, or created with other settings)."""
 
 
 @dataclass(frozen=True)
