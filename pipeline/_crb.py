@@ -38,7 +38,7 @@ import torch
 
 from pipeline._config import ExperimentConfig
 from pipeline._data import SceneBatch
-from pipeline._physics import bs_ris_channel, element_positions, ris_codes, source_positions
+from pipeline._physics import coded_operator, element_positions, source_positions
 
 Nuisance = Literal["joint", "known_nuisance"]
 NUISANCE_MODES = ("joint", "known_nuisance")
@@ -152,12 +152,6 @@ def bound_from_fisher(fisher: torch.Tensor, n_sources: int, n_location: int,
     if nuisance == "joint":
         return variance[:, :n_loc_params].reshape(n_batch, n_sources, n_location)
     return variance
-
-
-def coded_operator(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Phi_l = G diag(c_l) of the config's deployment in complex128; (L, M, N)."""
-    operator = bs_ris_channel(config)[None, :, :] * ris_codes(config)[:, None, :]
-    return operator.to(device)
 
 
 def expected_noise_variance(coded: torch.Tensor, power: torch.Tensor, snr_db: torch.Tensor

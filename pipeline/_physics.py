@@ -126,6 +126,16 @@ def ris_codes(config: ExperimentConfig) -> torch.Tensor:
     return torch.polar(torch.ones_like(phase), phase).reshape(config.n_snapshots, -1)
 
 
+def coded_operator(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The sensing operator Phi_l = G diag(c_l) of the config's deployment; (L, M, N) complex128.
+
+    Snapshot l sees y_l = Phi_l x_l + n_l. Every user of Phi takes it from here, through
+    `Deployment.operator` (complex64, on the deployment's device) or directly (the CRB, complex128).
+    """
+    operator = bs_ris_channel(config)[None, :, :] * ris_codes(config)[:, None, :]
+    return operator.to(device)
+
+
 @dataclass(frozen=True)
 class Deployment:
     """The known (calibrated) sensing operator of one deployment, on one device.
@@ -146,7 +156,7 @@ class Deployment:
     def build(config: ExperimentConfig, device: torch.device | str = "cpu") -> Deployment:
         channel = bs_ris_channel(config)
         codes = ris_codes(config)
-        operator = channel[None, :, :] * codes[:, None, :]  # (L, M, N)
+        operator = coded_operator(config)  # (L, M, N) complex128
         gram = operator @ operator.conj().transpose(-2, -1)  # (L, M, M)
         scale = torch.diagonal(gram, dim1=-2, dim2=-1).real.mean(-1)  # mean eigenvalue per l
         eye = torch.eye(config.n_bs_antennas, dtype=gram.dtype)

@@ -19,7 +19,6 @@ from pipeline._config import ExperimentConfig, replace
 from pipeline._covariance import true_covariance
 from pipeline._crb import (
     bound_from_fisher,
-    coded_operator,
     cramer_rao_bound,
     expected_noise_variance,
     steering_with_derivatives,
@@ -27,7 +26,7 @@ from pipeline._crb import (
 )
 from pipeline._data import SceneBatch, generate_scenes
 from pipeline._evaluate import localization_metrics, matched_errors, music_localize
-from pipeline._physics import Deployment, element_positions, steering_vectors
+from pipeline._physics import Deployment, coded_operator, element_positions, steering_vectors
 
 SMOKE = ExperimentConfig(n_ris_rows=6, n_ris_cols=6, n_bs_antennas=8, n_snapshots=8,
                          max_sources=3, range_max_m=4.0)
