@@ -27,18 +27,15 @@ if TYPE_CHECKING:
         evaluate_model,
         evaluation_scenes,
     )
+    from pipeline._counting import mdl_estimate
     from pipeline._crb import cramer_rao_bound
     from pipeline._data import SceneBatch, generate_scenes, iterate_batches, load_split
     from pipeline._diagnose import scale_report
-    from pipeline._evaluate import (
-        Localization,
-        localization_metrics,
-        mdl_estimate,
-        music_grid,
-        music_localize,
-    )
+    from pipeline._grid import music_grid
     from pipeline._losses import compute_loss
+    from pipeline._metrics import Localization, localization_metrics
     from pipeline._model import build_model, count_parameters
+    from pipeline._music import music_localize
     from pipeline._physics import Deployment
     from pipeline._pursuit import coded_dictionary, matching_pursuit
     from pipeline._references import reference_metrics
@@ -65,11 +62,11 @@ _LAZY = {
     "iterate_batches": "pipeline._data",
     "load_split": "pipeline._data",
     "scale_report": "pipeline._diagnose",
-    "Localization": "pipeline._evaluate",
-    "localization_metrics": "pipeline._evaluate",
-    "mdl_estimate": "pipeline._evaluate",
-    "music_grid": "pipeline._evaluate",
-    "music_localize": "pipeline._evaluate",
+    "Localization": "pipeline._metrics",
+    "localization_metrics": "pipeline._metrics",
+    "mdl_estimate": "pipeline._counting",
+    "music_grid": "pipeline._grid",
+    "music_localize": "pipeline._music",
     "compute_loss": "pipeline._losses",
     "build_model": "pipeline._model",
     "count_parameters": "pipeline._model",

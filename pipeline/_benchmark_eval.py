@@ -33,19 +33,18 @@ import numpy as np
 import torch
 
 from pipeline._config import ExperimentConfig, config_to_dict
+from pipeline._counting import mdl_estimate
 from pipeline._crb import cramer_rao_bound
 from pipeline._data import SceneBatch, _batch_seed, generate_scenes, split_seeds
-from pipeline._evaluate import (
-    SUCCESS_AZIMUTH_DEG,
-    SUCCESS_ELEVATION_DEG,
-    SUCCESS_RANGE_M,
+from pipeline._losses import covariances
+from pipeline._metrics import (
     Localization,
+    in_success_box,
     localization_metrics,
     matched_errors,
-    mdl_estimate,
-    music_localize,
+    scene_success,
 )
-from pipeline._losses import covariances
+from pipeline._music import music_localize
 from pipeline._physics import Deployment
 from pipeline._pursuit import matching_pursuit
 from pipeline._sbl import sparse_bayesian_learning
@@ -198,21 +197,6 @@ def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment:
                             config=config_to_dict(config), scenes=records, paired=paired)
 
 
-def scene_success(localization: Localization, k_hat: torch.Tensor, truth: SceneBatch
-                  ) -> np.ndarray:
-    """(B,) bool: K_hat = K and every true source matched within the success box.
-
-    The per-scene form of `localization_metrics`' success_rate (same matching, same box).
-    """
-    errors = matched_errors(localization, truth)
-    inside = ((errors["azimuth_deg"] <= SUCCESS_AZIMUTH_DEG)
-              & (errors["elevation_deg"] <= SUCCESS_ELEVATION_DEG)
-              & (errors["range_m"] <= SUCCESS_RANGE_M))
-    n_true = truth.n_sources.cpu().numpy()
-    matched_inside = np.bincount(errors["scene"][inside], minlength=n_true.shape[0])
-    return (k_hat.cpu().numpy() == n_true) & (matched_inside == n_true)
-
-
 def mcnemar_exact(only_first: int, only_second: int) -> float:
     """Two-sided exact McNemar p-value: binomial(n, 1/2) on the n discordant pairs."""
     n = only_first + only_second
@@ -323,9 +307,7 @@ def _localizer_row(localization: Localization, k_hat: torch.Tensor, truth: Scene
     errors = matched_errors(part, true_part)
     row["rmse_range_relative"] = _rms(errors["range_m"] / errors["true_range_m"])
     pair_crb = crb[index.numpy()][errors["scene"], errors["true_slot"]]  # (n_pairs, 3)
-    inside = ((errors["azimuth_deg"] <= SUCCESS_AZIMUTH_DEG)
-              & (errors["elevation_deg"] <= SUCCESS_ELEVATION_DEG)
-              & (errors["range_m"] <= SUCCESS_RANGE_M))
+    inside = in_success_box(errors)
     for axis, name in enumerate(_PARAMS):
         row[f"rmse_over_crb_{name}"] = _ratio(errors[name], pair_crb[:, axis])
         row[f"inlier_rmse_over_crb_{name}"] = _ratio(errors[name][inside],

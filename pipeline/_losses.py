@@ -8,7 +8,6 @@ from (see pipeline._model); the matched term supervises the slots themselves.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,15 +16,11 @@ from torch.nn import functional as F
 from pipeline import _covariance as cov
 from pipeline._config import ExperimentConfig
 from pipeline._data import SceneBatch
-from pipeline._matching import matched_parameter_loss
-from pipeline._model import FeatureGrid, ModelOutput
+from pipeline._grid import Grid
+from pipeline._matching import ERROR_SCALES, matched_parameter_loss
+from pipeline._model import ModelOutput
 
 TERMS = ("cov", "k", "aux", "det", "gap")
-
-# The matched loss measures errors in the units of the evaluation's matching (SYSTEM.md §5).
-SCALE_AZIMUTH_RAD = math.radians(5.0)
-SCALE_ELEVATION_RAD = math.radians(5.0)
-SCALE_RANGE_M = 1.0
 _HEATMAP_SIGMA_CELLS = 1.0
 
 
@@ -67,7 +62,7 @@ def covariances(output: ModelOutput, batch: SceneBatch, config: ExperimentConfig
 
 
 def detection_loss(objectness: torch.Tensor, offsets: torch.Tensor, batch: SceneBatch,
-                   grid: FeatureGrid) -> torch.Tensor:
+                   grid: Grid) -> torch.Tensor:
     """CenterNet focal loss on the objectness map plus smooth-L1 of the offsets at true cells.
 
     objectness: (B, R, E, A) logits; offsets: (B, 3, R, E, A) in cells. Each true source marks its
@@ -115,13 +110,14 @@ def compute_loss(output: ModelOutput, batch: SceneBatch, config: ExperimentConfi
         aux_term = matched_parameter_loss(
             output.azimuth_rad.float(), output.elevation_rad.float(), output.range_m.float(),
             batch.azimuth_rad, batch.elevation_rad, batch.range_m, batch.source_mask,
-            scale_azimuth_rad=SCALE_AZIMUTH_RAD, scale_elevation_rad=SCALE_ELEVATION_RAD,
-            scale_range_m=SCALE_RANGE_M,
+            # errors in the units of the evaluation's matching (SYSTEM.md §5)
+            scale_azimuth_rad=ERROR_SCALES[0], scale_elevation_rad=ERROR_SCALES[1],
+            scale_range_m=ERROR_SCALES[2],
         ).mean()
         det_term = zero
         if output.objectness is not None and output.offsets is not None:
             det_term = detection_loss(output.objectness, output.offsets, batch,
-                                      FeatureGrid.from_config(config)).mean()
+                                      Grid.feature(config)).mean()
         gap_term = zero
         if config.lam_gap > 0:
             gap_term = cov.eigengap_loss(mats.blend.dense(), batch.n_sources).mean()

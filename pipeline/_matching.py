@@ -25,8 +25,14 @@ from scipy.optimize import linear_sum_assignment
 # 5040 at seven. Above six the Hungarian algorithm on the host is cheaper.
 MAX_ENUMERATED_SLOTS = 6
 
-# SYSTEM.md §5: the evaluation matching cost is normalised by 5 deg / 5 deg / 1 m.
-EVALUATION_SCALES = (math.radians(5.0), math.radians(5.0), 1.0)
+# SYSTEM.md §5: a localization error is measured in units of 5 deg / 5 deg / 1 m. The evaluation's
+# matching cost, the composite score and the training's matched loss all divide by these.
+ERROR_SCALE_AZIMUTH_DEG = 5.0
+ERROR_SCALE_ELEVATION_DEG = 5.0
+ERROR_SCALE_RANGE_M = 1.0
+# The same in the units of a source's parameters: (azimuth rad, elevation rad, range m).
+ERROR_SCALES = (math.radians(ERROR_SCALE_AZIMUTH_DEG), math.radians(ERROR_SCALE_ELEVATION_DEG),
+                ERROR_SCALE_RANGE_M)
 
 
 @functools.lru_cache(maxsize=32)
@@ -158,7 +164,7 @@ def _as_numpy(array: np.ndarray | torch.Tensor, dtype: type) -> np.ndarray:
 def hungarian_match(est_params: np.ndarray | torch.Tensor, est_mask: np.ndarray | torch.Tensor,
                     true_params: np.ndarray | torch.Tensor,
                     true_mask: np.ndarray | torch.Tensor,
-                    scales: tuple[float, float, float] = EVALUATION_SCALES) -> MatchedPairs:
+                    scales: tuple[float, float, float] = ERROR_SCALES) -> MatchedPairs:
     """Per-scene Hungarian matching of estimates to true sources (SYSTEM.md §5).
 
     est_params (B, K_est, 3) and true_params (B, K_true, 3): (azimuth rad, elevation rad, range m).

@@ -23,7 +23,6 @@ an unstructured N x r factor from pooled features instead.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -31,50 +30,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline._config import ExperimentConfig
+from pipeline._grid import Grid
 from pipeline._physics import Deployment, steering_vectors
 
 _MIN_WEIGHT = 1e-8  # floor of a slot's weight under the square root of the factor
-
-
-@dataclass(frozen=True)
-class FeatureGrid:
-    """The detection grid: axes in (inverse range 1/m, elevation rad, azimuth rad).
-
-    start, step: (3,) float in that order; shape: (R, E, A). Cell (i, j, k) is at
-    start + (i, j, k) * step.
-    """
-
-    start: tuple[float, float, float]
-    step: tuple[float, float, float]
-    shape: tuple[int, int, int]
-
-    @staticmethod
-    def from_config(config: ExperimentConfig) -> FeatureGrid:
-        def axis(low: float, high: float, n: int) -> tuple[float, float]:
-            return (low, (high - low) / (n - 1)) if n > 1 else ((low + high) / 2, 1.0)
-
-        u_start, u_step = axis(1.0 / config.range_max_m, 1.0 / config.range_min_m,
-                               config.n_grid_range)
-        el_max, az_max = math.radians(config.elevation_max_deg), math.radians(
-            config.azimuth_max_deg)
-        e_start, e_step = axis(-el_max, el_max, config.n_grid_elevation)
-        a_start, a_step = axis(-az_max, az_max, config.n_grid_azimuth)
-        return FeatureGrid(start=(u_start, e_start, a_start), step=(u_step, e_step, a_step),
-                           shape=(config.n_grid_range, config.n_grid_elevation,
-                                  config.n_grid_azimuth))
-
-    def points(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Azimuth, elevation, range of every cell, each (R, E, A) float64."""
-        axes = [self.start[d] + self.step[d] * torch.arange(self.shape[d], dtype=torch.float64)
-                for d in range(3)]
-        u, el, az = torch.meshgrid(*axes, indexing="ij")
-        return az, el, 1.0 / u
-
-    def to_index(self, azimuth: torch.Tensor, elevation: torch.Tensor, range_m: torch.Tensor
-                 ) -> torch.Tensor:
-        """Continuous cell coordinates (..., 3) in (range, elevation, azimuth) order."""
-        coords = (1.0 / range_m.clamp_min(1e-3), elevation, azimuth)
-        return torch.stack([(c - s) / d for c, s, d in zip(coords, self.start, self.step)], -1)
 
 
 @dataclass(frozen=True)
@@ -103,7 +62,7 @@ class MatchedFilterSpectrum(nn.Module):
     log(P / mean_g P + 1e-3). One batched matrix product over snapshots; the dictionary is a buffer.
     """
 
-    def __init__(self, config: ExperimentConfig, deployment: Deployment, grid: FeatureGrid
+    def __init__(self, config: ExperimentConfig, deployment: Deployment, grid: Grid
                  ) -> None:
         super().__init__()
         self.grid_shape = grid.shape
@@ -132,7 +91,7 @@ class SubspaceSpectrum(nn.Module):
     sources from, handed to the K head.
     """
 
-    def __init__(self, config: ExperimentConfig, deployment: Deployment, grid: FeatureGrid
+    def __init__(self, config: ExperimentConfig, deployment: Deployment, grid: Grid
                  ) -> None:
         super().__init__()
         self.grid_shape = grid.shape
@@ -181,7 +140,7 @@ class CovarianceNet(nn.Module):
     def __init__(self, config: ExperimentConfig, deployment: Deployment) -> None:
         super().__init__()
         self.config = config
-        self.grid = FeatureGrid.from_config(config)
+        self.grid = Grid.feature(config)
         self.spectrum = MatchedFilterSpectrum(config, deployment, self.grid)
         self.subspace = SubspaceSpectrum(config, deployment, self.grid)
         self.register_buffer("elements", deployment.elements.clone(), persistent=False)
@@ -273,11 +232,9 @@ class CovarianceNet(nn.Module):
         start = torch.tensor(self.grid.start, dtype=coords.dtype, device=coords.device)
         step = torch.tensor(self.grid.step, dtype=coords.dtype, device=coords.device)
         values = start + coords * step
-        config = self.config
-        inverse_range = values[..., 0].clamp(1.0 / config.range_max_m, 1.0 / config.range_min_m)
-        el_max, az_max = math.radians(config.elevation_max_deg), math.radians(
-            config.azimuth_max_deg)
-        return (values[..., 2].clamp(-az_max, az_max), values[..., 1].clamp(-el_max, el_max),
+        lower, upper = self.grid.lower, self.grid.upper  # the field of view, (1/r, el, az)
+        inverse_range = values[..., 0].clamp(lower[0], upper[0])
+        return (values[..., 2].clamp(lower[2], upper[2]), values[..., 1].clamp(lower[1], upper[1]),
                 1.0 / inverse_range, weight, peak_logits)
 
 

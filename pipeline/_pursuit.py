@@ -5,7 +5,7 @@ source at p contributes the coded atom d_l(p) = Phi_l a(p) = G diag(c_l) a(p) to
 its own unknown amplitude s_{k,l} in every snapshot. Orthogonal matching pursuit over that
 dictionary:
 
-1. Dictionary: the coded atoms of the MUSIC coarse grid (`pipeline._evaluate.music_grid`: uniform
+1. Dictionary: the coded atoms of the MUSIC coarse grid (`pipeline._grid.music_grid`: uniform
    in azimuth, elevation and inverse range), (L, M, n_grid), built once per config and device.
 2. Greedy steps, K_hat per scene: the atom that explains most residual energy,
    sum_l |d_l^H r_l|^2 / ||d_l||^2 (each snapshot's amplitude fitted freely), joins the support;
@@ -28,16 +28,11 @@ from collections import OrderedDict
 import torch
 
 from pipeline._config import ExperimentConfig
-from pipeline._evaluate import (
-    Localization,
-    MusicGrid,
-    _clamp,
-    _local_offsets,
-    _quadratic_step,
-    _squared_magnitude,
-    music_grid,
-)
+from pipeline._grid import MusicGrid, music_grid
+from pipeline._linalg import squared_magnitude
+from pipeline._metrics import Localization, localization_from_points
 from pipeline._physics import Deployment
+from pipeline._refine import local_offsets, quadratic_step
 
 _STENCIL_POINTS = 3
 # Rounds beyond MUSIC's music_refine_steps: MUSIC's first round is a 5-point stencil at half the
@@ -66,7 +61,7 @@ def coded_dictionary(config: ExperimentConfig, deployment: Deployment
         return cached[2], cached[3]
     # conj(Phi_l a) = conj(Phi_l) conj(a): (L, M, N) @ (N, n_grid).
     atoms_conj = deployment.operator.conj() @ grid.steering_conj.T
-    norms = _squared_magnitude(atoms_conj).sum(1)
+    norms = squared_magnitude(atoms_conj).sum(1)
     _DICTIONARY_CACHE[key] = (grid, deployment.operator, atoms_conj, norms)
     while len(_DICTIONARY_CACHE) > _DICTIONARY_CACHE_SIZE:
         _DICTIONARY_CACHE.popitem(last=False)
@@ -111,7 +106,6 @@ def _greedy(measurements: torch.Tensor, n_sources: torch.Tensor, deployment: Dep
     atoms = torch.zeros(n_batch, *measurements.shape[1:], k_max, dtype=measurements.dtype,
                         device=device)
     active = torch.zeros(n_batch, k_max, dtype=torch.bool, device=device)
-    n_az, n_el = grid.azimuth_rad.numel(), grid.elevation_rad.numel()
     inv_norms = 1.0 / norms.clamp_min(_TINY)
     for step in range(k_max):
         going = (n_sources > step).nonzero().squeeze(-1)  # only scenes still picking
@@ -119,11 +113,9 @@ def _greedy(measurements: torch.Tensor, n_sources: torch.Tensor, deployment: Dep
             break
         # All snapshots in one batched GEMM: (L, b', M) @ (L, M, n_grid).
         correlation = torch.bmm(residual[going].transpose(0, 1), atoms_conj)
-        score = (_squared_magnitude(correlation) * inv_norms[:, None, :]).sum(0)
+        score = (squared_magnitude(correlation) * inv_norms[:, None, :]).sum(0)
         flat = score.argmax(-1)
-        picked[going, step] = torch.stack([grid.azimuth_rad[flat % n_az],
-                                           grid.elevation_rad[(flat // n_az) % n_el],
-                                           grid.inverse_range[flat // (n_az * n_el)]], dim=-1)
+        picked[going, step] = grid.point_at(flat)
         atoms[going, ..., step] = atoms_conj[:, :, flat].permute(2, 0, 1).conj()
         active[going, step] = True
         amplitudes = _least_squares(atoms[going], measurements[going], active[going])
@@ -155,9 +147,9 @@ def _projected_scores(candidates: torch.Tensor, others: torch.Tensor, others_act
     overlap = torch.einsum("plmk,pslm->pslk", columns.conj(), atoms)  # B^H d
     solved = torch.einsum("plkj,pslj->pslk", torch.linalg.inv(gram), overlap)  # G^-1 B^H d
     projected = (overlap.conj() * solved).real.sum(-1)  # d^H B G^-1 B^H d, (P, S, L)
-    energy = _squared_magnitude(atoms).sum(-1)  # ||d||^2
+    energy = squared_magnitude(atoms).sum(-1)  # ||d||^2
     residual_norm = (energy - projected).clamp_min(1e-3 * energy)
-    return (_squared_magnitude(correlation) / residual_norm).sum(-1)
+    return (squared_magnitude(correlation) / residual_norm).sum(-1)
 
 
 def _refine(picked: torch.Tensor, active: torch.Tensor, measurements: torch.Tensor,
@@ -182,7 +174,7 @@ def _refine(picked: torch.Tensor, active: torch.Tensor, measurements: torch.Tens
     slots = torch.arange(k_max, device=picked.device)
     others_active = active[scene] & (slots[None, :] != slot[:, None])
     y = measurements[scene]
-    offsets = _local_offsets(_STENCIL_POINTS, picked.device)
+    offsets = local_offsets(_STENCIL_POINTS, picked.device)
     middle = offsets.shape[0] // 2  # the stencil's centre point
     step = grid.step.expand(scene.numel(), 3).clone()  # per atom: +-1 grid cell at first
     for _ in range(n_rounds):
@@ -191,12 +183,12 @@ def _refine(picked: torch.Tensor, active: torch.Tensor, measurements: torch.Tens
         # a source at the box's edge must stay reachable). The quadratic fit may then see
         # uneven spacing, but its proposal is only taken where it scores higher.
         centre = picked[scene, slot]
-        points = _clamp(centre[:, None, :] + offsets * step[:, None, :], grid)  # (P, 27, 3)
+        points = grid.clamp(centre[:, None, :] + offsets * step[:, None, :])  # (P, 27, 3)
         local = _projected_scores(points, others, others_active, y, deployment)  # (P, 27)
         value, best = local.max(dim=-1)
         moved = points.gather(1, best[:, None, None].expand(-1, 1, 3)).squeeze(1)
-        newton = _quadratic_step(local[:, None, :], best[:, None], _STENCIL_POINTS)[:, 0]
-        proposal = _clamp(moved + newton * step, grid)
+        newton = quadratic_step(local[:, None, :], best[:, None], _STENCIL_POINTS)[:, 0]
+        proposal = grid.clamp(moved + newton * step)
         proposed = _projected_scores(proposal[:, None, :], others, others_active, y,
                                      deployment)[:, 0]
         better = proposed > value
@@ -240,29 +232,10 @@ def matching_pursuit(measurements: torch.Tensor, n_sources: torch.Tensor, deploy
             picked, active = _greedy(y, k_hat, deployment, grid, atoms_conj, norms, k_max)
             picked, energy = _refine(picked, active, y, deployment, grid,
                                      config.music_refine_steps + _EXTRA_ROUNDS)
-            total = _squared_magnitude(y).sum(dim=(1, 2)).clamp_min(_TINY)
+            total = squared_magnitude(y).sum(dim=(1, 2)).clamp_min(_TINY)
             share = torch.where(active, energy / total[:, None], -1.0)
             share, order = share.sort(dim=1, descending=True)
             points.append(picked.gather(1, order[..., None].expand(-1, -1, 3)))
             masks.append(share >= 0.0)
             scores.append(share.clamp_min(0.0))
     return localization_from_points(points, masks, scores, k_max, device)
-
-
-def localization_from_points(points: list[torch.Tensor], masks: list[torch.Tensor],
-                             scores: list[torch.Tensor], k_max: int,
-                             device: torch.device) -> Localization:
-    """One Localization from chunks of (b, k_max, 3) points (az, el, 1/r), (b, k_max) masks and
-    scores; empty (0, k_max) when there are no chunks. Masked-out slots hold zeros."""
-    if not points:
-        empty = torch.zeros(0, k_max, device=device)
-        return Localization(empty, empty, empty, empty.bool(), empty)
-    point, mask, score = torch.cat(points), torch.cat(masks), torch.cat(scores)
-    zero = torch.zeros((), device=device)
-    return Localization(
-        azimuth_rad=torch.where(mask, point[..., 0], zero),
-        elevation_rad=torch.where(mask, point[..., 1], zero),
-        range_m=torch.where(mask, 1.0 / point[..., 2].clamp_min(1e-6), zero),
-        mask=mask,
-        score=torch.where(mask, score, zero),
-    )

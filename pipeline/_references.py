@@ -6,8 +6,9 @@ import torch
 
 from pipeline import _covariance as cov
 from pipeline._config import ExperimentConfig
+from pipeline._counting import mdl_estimate
 from pipeline._data import load_split
-from pipeline._evaluate import evaluate_covariances, mdl_estimate
+from pipeline._music import evaluate_covariances
 from pipeline._physics import Deployment
 
 

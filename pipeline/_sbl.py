@@ -39,18 +39,12 @@ import torch
 
 from pipeline._config import ExperimentConfig, replace
 from pipeline._errors import PipelineError
-from pipeline._evaluate import (
-    Localization,
-    MusicGrid,
-    _clamp,
-    _local_maxima,
-    _local_offsets,
-    _quadratic_step,
-    _squared_magnitude,
-    music_grid,
-)
+from pipeline._grid import MusicGrid, local_maxima, music_grid
+from pipeline._linalg import squared_magnitude
+from pipeline._metrics import Localization, localization_from_points
 from pipeline._physics import Deployment
-from pipeline._pursuit import _coded_atoms, coded_dictionary, localization_from_points
+from pipeline._pursuit import _coded_atoms, coded_dictionary
+from pipeline._refine import local_offsets, quadratic_step
 
 _TINY = 1e-12
 _STENCIL_POINTS = 3
@@ -118,7 +112,7 @@ def _outer_basis(atoms_conj: torch.Tensor) -> torch.Tensor:
     atoms = atoms_conj.conj().resolve_conj()  # (L, M, G)
     rows, cols = _upper(atoms.shape[1], atoms.device)
     outer = atoms[:, rows, :] * atoms_conj[:, cols, :]  # d_m conj(d_n), (L, P, G)
-    basis = torch.cat([_squared_magnitude(atoms), outer.real, outer.imag], dim=1)
+    basis = torch.cat([squared_magnitude(atoms), outer.real, outer.imag], dim=1)
     basis = basis.reshape(-1, atoms.shape[-1]).contiguous()
     _BASIS_CACHE[key] = (atoms_conj, basis)
     while len(_BASIS_CACHE) > _BASIS_CACHE_SIZE:
@@ -176,20 +170,13 @@ def _inverse(matrix: torch.Tensor) -> torch.Tensor:
 def _top_peaks(gamma: torch.Tensor, shape: tuple[int, int, int], n_peaks: int) -> torch.Tensor:
     """Flat grid indices (b, n_peaks) of the strongest local maxima of gamma (b, n_grid)."""
     volume = gamma.view(-1, *shape)
-    peaks = _local_maxima(volume).view(gamma.shape)
+    peaks = local_maxima(volume).view(gamma.shape)
     return torch.where(peaks, gamma, -1.0).topk(n_peaks, dim=-1).indices
 
 
 def _gather_atoms(dictionary: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Atoms (L, M, n_grid) at flat grid indices (b, n) -> (b, L, M, n)."""
     return dictionary[:, :, index].permute(2, 0, 1, 3)
-
-
-def _grid_points(index: torch.Tensor, grid: MusicGrid) -> torch.Tensor:
-    """(..., 3) points (az, el, 1/r) of flat grid indices."""
-    n_az, n_el = grid.azimuth_rad.numel(), grid.elevation_rad.numel()
-    return torch.stack([grid.azimuth_rad[index % n_az], grid.elevation_rad[(index // n_az) % n_el],
-                        grid.inverse_range[index // (n_az * n_el)]], dim=-1)
 
 
 def _residual_noise(y: torch.Tensor, atoms: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -210,8 +197,8 @@ def _residual_noise(y: torch.Tensor, atoms: torch.Tensor, active: torch.Tensor) 
     residual = y - (columns @ amplitudes).squeeze(-1)
     n_meas = y.shape[-1]
     dof = (n_meas - active.sum(-1)).clamp_min(1).to(torch.float32)
-    power = _squared_magnitude(y).mean(dim=(1, 2))
-    noise = _squared_magnitude(residual).sum(-1).mean(-1) / dof
+    power = squared_magnitude(y).mean(dim=(1, 2))
+    noise = squared_magnitude(residual).sum(-1).mean(-1) / dof
     return torch.maximum(noise, 1e-5 * power)
 
 
@@ -226,11 +213,11 @@ def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_pe
     n_grid = atoms_conj.shape[-1]
     basis = _outer_basis(atoms_conj)
     dictionary = atoms_conj.conj().resolve_conj()
-    norms = _squared_magnitude(atoms_conj).sum(1)  # (L, G)
+    norms = squared_magnitude(atoms_conj).sum(1)  # (L, G)
     # Start: each point's power as a lone source would explain it, noise a tenth of the power.
     correlation = torch.bmm(y.transpose(0, 1), atoms_conj)  # (L, b, G)
-    gamma = (_squared_magnitude(correlation) / norms[:, None, :].square()).mean(0)
-    power = _squared_magnitude(y).mean(dim=(1, 2))
+    gamma = (squared_magnitude(correlation) / norms[:, None, :].square()).mean(0)
+    power = squared_magnitude(y).mean(dim=(1, 2))
     noise = 0.1 * power
     kept = torch.arange(n_grid, device=y.device).expand(n_batch, n_grid)
     atoms = None  # (b, L, M, n_kept) once pruned
@@ -244,14 +231,14 @@ def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_pe
             inverse = _inverse(sigma)
             denominator = _basis_weights(inverse) @ basis  # (b, G)
             weighted = (inverse @ y[..., None]).squeeze(-1)  # (b, L, M)
-            numerator = _squared_magnitude(
+            numerator = squared_magnitude(
                 torch.bmm(weighted.transpose(0, 1), atoms_conj)).sum(0)
         else:
             inverse = _inverse(_model_covariance(atoms, gamma, noise))
             solved = inverse @ atoms  # (b, L, M, n_kept)
             denominator = (atoms.conj() * solved).real.sum(dim=(1, 2))
             weighted = (inverse @ y[..., None]).squeeze(-1)
-            numerator = _squared_magnitude(
+            numerator = squared_magnitude(
                 (weighted[..., None, :].conj() @ atoms).squeeze(-2)).sum(1)
         gamma = gamma * numerator / denominator.clamp_min(_TINY)
         # Noise from the residual outside the strongest peaks (on the kept points' volume).
@@ -302,7 +289,7 @@ def _gains(inverse: torch.Tensor, weighted: torch.Tensor, candidates: torch.Tens
     """
     solved = torch.einsum("plmn,psln->pslm", inverse, candidates)
     s = (candidates.conj() * solved).real.sum(-1).clamp_min(_TINY)  # (P, S, L)
-    q = _squared_magnitude(torch.einsum("pslm,plm->psl", candidates.conj(), weighted))
+    q = squared_magnitude(torch.einsum("pslm,plm->psl", candidates.conj(), weighted))
     # Start from the optimum for equal s_l, then fixed-point steps of the exact condition
     # sum_l q_l / (1 + p s_l)^2 = sum_l s_l / (1 + p s_l).
     p = ((q - s).sum(-1) / s.square().sum(-1)).clamp_min(0.0)
@@ -326,7 +313,7 @@ def _refine(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor, noi
     scene, slot = active.nonzero(as_tuple=True)
     if scene.numel() == 0 or n_rounds == 0:
         return points, power, noise
-    offsets = _local_offsets(_STENCIL_POINTS, points.device)
+    offsets = local_offsets(_STENCIL_POINTS, points.device)
     middle = offsets.shape[0] // 2
     step = grid.step.expand(scene.numel(), 3).clone()
     for _ in range(n_rounds):
@@ -334,13 +321,13 @@ def _refine(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor, noi
         inverse, weighted = _leave_one_out(atoms, power * active, noise, y)
         inverse, weighted = inverse[scene, slot], weighted[scene, slot]
         centre = points[scene, slot]
-        candidates = _clamp(centre[:, None, :] + offsets * step[:, None, :], grid)
+        candidates = grid.clamp(centre[:, None, :] + offsets * step[:, None, :])
         local, local_power = _gains(inverse, weighted, _coded_atoms(candidates, deployment))
         value, best = local.max(dim=-1)
         moved = candidates.gather(1, best[:, None, None].expand(-1, 1, 3)).squeeze(1)
         moved_power = local_power.gather(1, best[:, None]).squeeze(1)
-        newton = _quadratic_step(local[:, None, :], best[:, None], _STENCIL_POINTS)[:, 0]
-        proposal = _clamp(moved + newton * step, grid)
+        newton = quadratic_step(local[:, None, :], best[:, None], _STENCIL_POINTS)[:, 0]
+        proposal = grid.clamp(moved + newton * step)
         proposed, proposed_power = _gains(inverse, weighted,
                                           _coded_atoms(proposal[:, None, :], deployment))
         better = proposed[:, 0] > value
@@ -414,7 +401,7 @@ def _candidates(y: torch.Tensor, n_sources: torch.Tensor | None, deployment: Dep
     n_grid = atoms_conj.shape[-1]
     full = gamma.new_zeros(n_batch, n_grid).scatter(1, kept, gamma)
     peaks = _top_peaks(full, grid.shape, k_max)
-    points = _grid_points(peaks, grid)  # (b, k_max, 3)
+    points = grid.point_at(peaks)  # (b, k_max, 3)
     power = full.gather(1, peaks)
     slots = torch.arange(k_max, device=y.device)
     if n_sources is None:
@@ -422,7 +409,7 @@ def _candidates(y: torch.Tensor, n_sources: torch.Tensor | None, deployment: Dep
     else:
         active = slots[None, :] < n_sources[:, None]
     power = power * active
-    kept_points = _grid_points(kept, grid)
+    kept_points = grid.point_at(kept)
     dictionary = atoms_conj.conj().resolve_conj()
     kept_atoms = _gather_atoms(dictionary, kept).permute(0, 3, 1, 2)  # (b, n_kept, L, M)
     rounds = settings.refine_rounds
@@ -444,7 +431,7 @@ def _count(state: _State, y: torch.Tensor, deployment: Deployment, grid: MusicGr
     scene is not touched again, and scenes do not interact). bench/sbl_tune.py tunes so.
     """
     points, power, active, noise = state.points, state.power, state.active, state.noise
-    total = _squared_magnitude(y).mean(dim=(1, 2))
+    total = squared_magnitude(y).mean(dim=(1, 2))
     going = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
     rounds = max(1, settings.refine_rounds // 4)
     for _ in range(active.shape[1]):
@@ -533,8 +520,8 @@ def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
             k_hat = None if n_sources is None else n_sources[part]
             state = _localize_chunk(y, k_hat, deployment, grid, atoms_conj, k_max, settings)
             point, power, active = state.points, state.power, state.active
-            energy = _squared_magnitude(_coded_atoms(point, deployment)).sum(-1).mean(-1)
-            total = _squared_magnitude(y).sum(-1).mean(-1).clamp_min(_TINY)
+            energy = squared_magnitude(_coded_atoms(point, deployment)).sum(-1).mean(-1)
+            total = squared_magnitude(y).sum(-1).mean(-1).clamp_min(_TINY)
             share = torch.where(active, power * energy / total[:, None], -1.0)
             share, order = share.sort(dim=1, descending=True)
             points.append(point.gather(1, order[..., None].expand(-1, -1, 3)))

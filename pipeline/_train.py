@@ -23,9 +23,9 @@ from pipeline import _covariance as cov
 from pipeline._config import ExperimentConfig, config_from_dict, config_to_dict
 from pipeline._data import SceneBatch, iterate_batches, load_split
 from pipeline._errors import CheckpointError, ConfigError, NumericalError
-from pipeline._evaluate import evaluate_covariances
 from pipeline._losses import TERMS, compute_loss
 from pipeline._model import CovarianceNet, build_model
+from pipeline._music import evaluate_covariances
 from pipeline._physics import Deployment
 
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -25,7 +25,8 @@ from pipeline._crb import (
     stochastic_fisher,
 )
 from pipeline._data import SceneBatch, generate_scenes
-from pipeline._evaluate import localization_metrics, matched_errors, music_localize
+from pipeline._metrics import localization_metrics, matched_errors
+from pipeline._music import music_localize
 from pipeline._physics import Deployment, coded_operator, element_positions, steering_vectors
 
 SMOKE = ExperimentConfig(n_ris_rows=6, n_ris_cols=6, n_bs_antennas=8, n_snapshots=8,

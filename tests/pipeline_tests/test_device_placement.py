@@ -21,10 +21,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from pipeline import _covariance as cov
-from pipeline import _evaluate, _matching, preset
+from pipeline import _grid, _matching, _refine, preset
+from pipeline._counting import mdl_estimate
 from pipeline._data import load_split
-from pipeline._evaluate import localization_metrics, mdl_estimate, music_localize
+from pipeline._metrics import localization_metrics
 from pipeline._model import build_model
+from pipeline._music import music_localize
 from pipeline._physics import Deployment
 from pipeline._train import _grad_scaler, _train_epoch, make_optimizer, validate
 
@@ -32,8 +34,8 @@ from pipeline._train import _grad_scaler, _train_epoch, make_optimizer, validate
 def _clear_device_caches() -> None:
     """Cached device tensors (grids, assignment tables, the quadratic fit) are made afresh, so
     their construction is checked too, whatever ran before in this process."""
-    _evaluate._GRID_CACHE.clear()
-    _evaluate._quadratic_design.cache_clear()
+    _grid._GRID_CACHE.clear()
+    _refine._quadratic_design.cache_clear()
     _matching._assignments.cache_clear()
 
 

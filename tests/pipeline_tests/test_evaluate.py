@@ -9,17 +9,12 @@ import pytest
 import torch
 
 from pipeline._config import ExperimentConfig, replace
+from pipeline._counting import mdl_estimate
 from pipeline._covariance import true_covariance
 from pipeline._data import SceneBatch, generate_scenes
-from pipeline._evaluate import (
-    Localization,
-    evaluate_covariances,
-    localization_metrics,
-    mdl_estimate,
-    music_grid,
-    music_localize,
-    music_spectrum,
-)
+from pipeline._grid import music_grid
+from pipeline._metrics import Localization, localization_metrics
+from pipeline._music import evaluate_covariances, music_localize, music_spectrum
 from pipeline._physics import Deployment
 
 CONFIG = ExperimentConfig(range_max_m=4.0)  # full N = 144 array, K uniform on 1..5

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import _covariance as cov
-from pipeline._evaluate import music_localize, signal_subspace
+from pipeline._music import music_localize, signal_subspace
 
 
 def _random_factor(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 from pipeline import ExperimentConfig
 from pipeline import _covariance as cov
 from pipeline._data import generate_scenes, pick_separated
-from pipeline._evaluate import _coarse_scores, music_grid, signal_subspace
+from pipeline._grid import music_grid
+from pipeline._music import _coarse_scores, signal_subspace
 from pipeline._physics import Deployment
 
 

@@ -8,7 +8,8 @@ import torch
 
 from pipeline._config import ExperimentConfig, replace
 from pipeline._data import SceneBatch, generate_scenes
-from pipeline._evaluate import localization_metrics, matched_errors, music_grid
+from pipeline._grid import music_grid
+from pipeline._metrics import localization_metrics, matched_errors
 from pipeline._physics import Deployment
 from pipeline._pursuit import _greedy, coded_dictionary, matching_pursuit
 

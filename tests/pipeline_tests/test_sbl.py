@@ -10,7 +10,7 @@ import torch
 
 from pipeline._config import ExperimentConfig
 from pipeline._data import SceneBatch, generate_scenes
-from pipeline._evaluate import Localization, localization_metrics, matched_errors
+from pipeline._metrics import Localization, localization_metrics, matched_errors
 from pipeline._physics import Deployment
 from pipeline._pursuit import coded_dictionary, matching_pursuit
 from pipeline._sbl import SblSettings, _outer_basis, sbl_grid_config, sparse_bayesian_learning
@@ -142,7 +142,7 @@ def test_a_batch_equals_its_scenes_one_at_a_time(high_snr: SceneBatch,
 def test_a_threshold_stops_the_drop_path_where_the_count_stops(deployment: Deployment) -> None:
     """bench/sbl_tune.py scores every count threshold from one drop path; that must be what
     the count itself returns for each threshold."""
-    from pipeline._evaluate import music_grid
+    from pipeline._grid import music_grid
     from pipeline._sbl import _candidates, _count, _stop_path
 
     scenes = generate_scenes(CONFIG, deployment, 8, seed=9)  # SNR -5..20 dB, K 1..3
