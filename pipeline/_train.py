@@ -9,6 +9,7 @@ raises propagates unchanged (that is how the HPO layer prunes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -155,43 +156,109 @@ class _FiniteWatch:
                                  term=term, epoch=epoch, batch=batch)
 
 
+STEP_PHASES = ("forward", "loss", "backward", "optimizer")
+
+
+def _no_phase(name: str) -> contextlib.nullcontext[None]:
+    return contextlib.nullcontext()
+
+
+class TrainStep:
+    """The optimisation step training takes per batch, and the epoch's bookkeeping around it.
+
+    Per batch: the network's forward pass under autocast, the loss, backward through the gradient
+    scaler, unscaling and clipping, the finiteness watch, the AdamW step, the scaler's update and
+    the schedule's step. Loss sums and finiteness flags stay on the device; `end_epoch` reads them
+    back to the host once (two reads), so an epoch of any length synchronises with a GPU only
+    there. `train` runs exactly this, through `_train_epoch`; the step benchmarks time it.
+
+        step = TrainStep(model, config, device=device)    # optimizer, schedule, scaler made here
+        step.begin_epoch(epoch)
+        for batch in iterate_batches(...):
+            step(batch)
+        means = step.end_epoch()    # NumericalError on a non-finite loss or gradient
+    """
+
+    def __init__(self, model: CovarianceNet, config: ExperimentConfig, *, device: torch.device,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 scheduler: torch.optim.lr_scheduler.LambdaLR | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        if (optimizer is None) != (scheduler is None):
+            raise ConfigError("TrainStep takes an optimizer and its scheduler together, but got "
+                              f"{optimizer=} and {scheduler=}")
+        if optimizer is None:
+            optimizer, scheduler = make_optimizer(model, config)
+        self.model = model
+        self.config = config
+        self.device = device
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler if scaler is not None else _grad_scaler(config, device)
+        self.epoch = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Training mode, and fresh loss sums and finiteness flags for `epoch` (1-based)."""
+        self.model.train()
+        self.epoch = epoch
+        self._sums = torch.zeros(len(TERMS) + 1, device=self.device)
+        self._n_batches = 0
+        # With float16 a gradient scaler skips steps whose scaled gradients overflow (and lowers
+        # the scale); only a run of more than _MAX_SKIPPED_STEPS of them is an error.
+        self._watch = _FiniteWatch([*TERMS, "total", "grad"], self.device)
+        self._skipped = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def __call__(self, batch: SceneBatch, *,
+                 phase: Callable[[str], contextlib.AbstractContextManager[Any]] = _no_phase
+                 ) -> None:
+        """One optimisation step on `batch`. `phase(name)`, for each name of STEP_PHASES in turn,
+        is a context around that part of the step (a profiler's timers; none by default)."""
+        model, config, optimizer, scaler = self.model, self.config, self.optimizer, self.scaler
+        with phase("forward"), _autocast(config, self.device):
+            output = model(batch.measurements, batch.fields)
+        with phase("loss"):
+            terms, _ = compute_loss(output, batch, config)
+            total = terms.total
+            if config.fault_nonfinite_epoch == self.epoch:
+                total = total * float("nan")  # injected fault, for tests of the HPO layer
+        with phase("backward"):
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+        with phase("optimizer"):
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            grad_ok = torch.isfinite(grad_norm)
+            if scaler.is_enabled():
+                self._skipped = torch.where(grad_ok, 0, self._skipped + 1)
+                grad_ok = self._skipped <= _MAX_SKIPPED_STEPS
+            self._watch.record(
+                [*(torch.isfinite(v) for v in (*terms.as_dict().values(), total)), grad_ok],
+                self._n_batches)
+            scaler.step(optimizer)
+            scaler.update()
+            self.scheduler.step()
+            self._sums += torch.stack([total.detach(),
+                                       *(t.detach() for t in terms.as_dict().values())])
+        self._n_batches += 1
+
+    def end_epoch(self) -> dict[str, float]:
+        """The epoch's mean loss terms ("total" and TERMS); NumericalError if any step of it had a
+        non-finite loss term or gradient norm. The epoch's only reads back to the host."""
+        self._watch.raise_if_bad(self.epoch)
+        means = (self._sums / max(1, self._n_batches)).tolist()
+        return {"total": means[0], **dict(zip(TERMS, means[1:]))}
+
+
 def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler,
                  config: ExperimentConfig, deployment: Deployment, device: torch.device,
                  epoch: int) -> dict[str, float]:
-    model.train()
-    sums = torch.zeros(len(TERMS) + 1, device=device)
-    n_batches = 0
-    # With float16 a gradient scaler skips steps whose scaled gradients overflow (and lowers the
-    # scale); only a run of more than _MAX_SKIPPED_STEPS of them is an error.
-    watch = _FiniteWatch([*TERMS, "total", "grad"], device)
-    skipped = torch.zeros((), dtype=torch.long, device=device)
-    for index, batch in enumerate(iterate_batches(config, deployment, "train", config.n_train,
-                                                  config.batch_size, epoch=epoch)):
-        with _autocast(config, device):
-            output = model(batch.measurements, batch.fields)
-        terms, _ = compute_loss(output, batch, config)
-        total = terms.total
-        if config.fault_nonfinite_epoch == epoch:
-            total = total * float("nan")  # injected fault, for tests of the HPO layer
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        grad_ok = torch.isfinite(grad_norm)
-        if scaler.is_enabled():
-            skipped = torch.where(grad_ok, 0, skipped + 1)
-            grad_ok = skipped <= _MAX_SKIPPED_STEPS
-        watch.record([*(torch.isfinite(v) for v in (*terms.as_dict().values(), total)), grad_ok],
-                     index)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        sums += torch.stack([total.detach(), *(t.detach() for t in terms.as_dict().values())])
-        n_batches += 1
-    watch.raise_if_bad(epoch)
-    means = (sums / max(1, n_batches)).tolist()
-    return {"total": means[0], **dict(zip(TERMS, means[1:]))}
+    step = TrainStep(model, config, device=device, optimizer=optimizer, scheduler=scheduler,
+                     scaler=scaler)
+    step.begin_epoch(epoch)
+    for batch in iterate_batches(config, deployment, "train", config.n_train, config.batch_size,
+                                 epoch=epoch):
+        step(batch)
+    return step.end_epoch()
 
 
 @torch.no_grad()
