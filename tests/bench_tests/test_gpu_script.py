@@ -1,5 +1,5 @@
-"""bench/gpu.sh is run by whoever is lent a GPU, with minutes to spare: its SMOKE mode runs every
-step on the CPU at toy sizes, so a broken flag or summary shows up here instead of there."""
+"""bench/gpu/gpu.sh is run by whoever is lent a GPU, with minutes to spare: its SMOKE mode runs
+every step on the CPU at toy sizes, so a broken flag or summary shows up here instead of there."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+GPU_SH = ROOT / "bench" / "gpu" / "gpu.sh"
 
 
 def _json_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    """The records a benchmark of the suite wrote to `path`, after its header line."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    assert lines and lines[0]["header"] and lines[0]["command"].startswith("python -m bench ")
+    return [line for line in lines if not line.get("header")]
 
 
 @pytest.mark.slow
@@ -28,7 +32,7 @@ def test_every_step_of_the_gpu_script_runs_in_smoke_mode(tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     logs = ROOT / "runs" / "hpo-gpu-bench"  # where step 6's logs went before it ran inside OUT
     there_before = logs.exists()
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, cwd=tmp_path,
+    done = subprocess.run(["bash", str(GPU_SH)], env=env, cwd=tmp_path,
                           check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -36,6 +40,7 @@ def test_every_step_of_the_gpu_script_runs_in_smoke_mode(tmp_path):
     assert generation and generation[0]["scenes"] == 256
     assert {r["preset"] for r in _json_lines(out / "train_throughput.jsonl")} == {"smoke", "quick"}
     assert "| trial" in (out / "trial_profile.txt").read_text()
+    assert _json_lines(out / "trial_profile.txt")[0]["trial_s"] > 0
     assert _json_lines(out / "localize.jsonl")[-1]["met"] in (True, False)
     trial = json.loads((out / "full-trial-summary.json").read_text())
     assert trial["epochs"] == 2 and trial["trial_s"] > 0
@@ -67,7 +72,7 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path):
     (shims / "hpo").chmod(0o755)
     path = os.pathsep.join([str(shims), str(Path(sys.executable).parent), os.environ["PATH"]])
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "STEPS": "5 6", "PATH": path}
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, cwd=tmp_path,
+    done = subprocess.run(["bash", str(GPU_SH)], env=env, cwd=tmp_path,
                           check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "!! step 5 failed (exit 3)" in done.stdout
@@ -83,7 +88,7 @@ def _signal_during_step_6(tmp_path: Path, ready) -> tuple[int, str, Path]:
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "STEPS": "6 7",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, cwd=tmp_path,
+    proc = subprocess.Popen(["bash", str(GPU_SH)], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -114,9 +119,9 @@ def _stopped_in_step_6(code: int, text: str, out: Path) -> None:
 
 @pytest.mark.slow
 def test_a_signal_stops_the_running_step_and_skips_the_rest(tmp_path):
-    # bench/gpu_device.sh stops gpu.sh with `timeout -s INT` at its deadline: the signal reaches
-    # the whole process group. Sent once step 6's `hpo run` has started its workers, it ends that
-    # step (hpo run records its trials and exits 130) and step 7 is skipped, not started.
+    # bench/gpu/gpu_device.sh stops gpu.sh with `timeout -s INT` at its deadline: the signal
+    # reaches the whole process group. Sent once step 6's `hpo run` has started its workers, it
+    # ends that step (hpo run records its trials and exits 130) and step 7 is skipped, not started.
     def workers_started(out: Path) -> bool:
         return any((out / "runs" / "hpo-gpu-bench").glob("worker-*.log"))
 

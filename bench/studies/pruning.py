@@ -20,7 +20,7 @@ the trials as the final one does (Spearman), where the five best final trials ra
 1 and 3, which parameters make a fast start and which a good finish, and how each validation
 metric at epochs 1-3 ranks the final objective.
 
-    python bench/pruning.py [--preset quick] [--trials 60] [--workers 2] [--seed 0]
+    python -m bench pruning [--preset quick] [--trials 60] [--workers 2] [--seed 0]
                             [--pruners hyperband asha:4 median] [--test-scenes 1024] [--replicas 4]
                             [--json FILE] [--keep DIR]
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,16 +38,10 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from hpo._study import ATTR_CHECKPOINT
-
-
-def ranks(values: list[float]) -> np.ndarray:
-    return np.argsort(np.argsort(np.asarray(values)))
-
-
-def spearman(ranks_a: np.ndarray, ranks_b: np.ndarray) -> float:
-    """Spearman rank correlation of two rankings (from `ranks`), to 2 decimals."""
-    return round(float(np.corrcoef(ranks_a, ranks_b)[0, 1]), 2)
+from bench import _harness as harness
+from bench.studies._ranks import ranks, spearman
+from hpo import ATTR_CHECKPOINT
+from hpo.testing import environment
 
 
 def early_epochs_predict(trials: list[optuna.trial.FrozenTrial]) -> dict:
@@ -95,9 +88,7 @@ def test_composite(checkpoint: str, scenes: int) -> float:
     """The composite of a trained model on `scenes` held-out test scenes (MUSIC on all of them)."""
     import torch
 
-    from pipeline import load_model, replace
-    from pipeline._data import load_split
-    from pipeline._train import validate
+    from pipeline import load_model, load_split, replace, validate
 
     model, config, deployment = load_model(Path(checkpoint), torch.device("cpu"))
     config = replace(config, n_val_localize=scenes)
@@ -122,15 +113,14 @@ def replicas(params: dict, args: argparse.Namespace) -> list[dict]:
         rows.append({"lr_nudge": f"+{k / 10:g} %",
                      "val_composite": round(result.final.composite, 4),
                      "test_composite": round(test, 4)})  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+        harness.emit(rows[-1])
     return rows
 
 
 def run(pruner: str, args: argparse.Namespace) -> dict:
     name, _, eta = pruner.partition(":")
-    with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{Path(tmp) / 'pruning.db'}"
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
+    with (tempfile.TemporaryDirectory() as tmp,
+          harness.sqlite_store(Path(tmp), "pruning.db") as url):
         command = [sys.executable, "-m", "hpo.cli", "run", "--trials", str(args.trials),
                    "--preset", args.preset, "--pruner", name, "--seed", str(args.seed),
                    "--workers", str(args.workers), "--device", "cpu", "--storage", url,
@@ -140,8 +130,8 @@ def run(pruner: str, args: argparse.Namespace) -> dict:
         if eta:
             command += ["--reduction-factor", eta]
         started = time.perf_counter()
-        result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True,
-                                check=False)  # fmt: skip
+        result = subprocess.run(command, cwd=tmp, env=environment(), capture_output=True,
+                                text=True, check=False)  # fmt: skip
         wall = time.perf_counter() - started
         if result.returncode != 0:
             raise SystemExit(f"hpo run failed: {result.stderr.strip()}")
@@ -175,8 +165,8 @@ def run(pruner: str, args: argparse.Namespace) -> dict:
         }  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--workers", type=int, default=2)
@@ -190,12 +180,13 @@ def main() -> None:
                         help="retrain the none run's best trial this many times (noise floor)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--keep", type=Path, help="keep each run's study here (SQLite files)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    harness.header(args)
     rows = []
     for pruner in [*args.pruners, "none"]:
         rows.append(run(pruner, args))
-        print(json.dumps(rows[-1]), flush=True)
+        harness.emit(rows[-1])
     reference = rows[-1]
     for row in rows[:-1]:
         row["epochs_ratio_none_over_pruner"] = round(
@@ -204,15 +195,11 @@ def main() -> None:
         if "best_trial_test_composite" in row and "best_trial_test_composite" in reference:
             row["test_minus_none_test"] = round(row["best_trial_test_composite"]
                                                 - reference["best_trial_test_composite"], 4)
-        print(json.dumps({k: row.get(k) for k in ("pruner", "epochs_ratio_none_over_pruner",
-                                                   "best_value", "best_minus_none_best",
-                                                   "best_trial_test_composite",
-                                                   "test_minus_none_test")}))
-    print(json.dumps({"target": "epochs ratio >= 3 for an equal best", "seed": args.seed,
-                      "trials": args.trials, "preset": args.preset}))
+        harness.emit({k: row.get(k) for k in ("pruner", "epochs_ratio_none_over_pruner",
+                                              "best_value", "best_minus_none_best",
+                                              "best_trial_test_composite",
+                                              "test_minus_none_test")})
+    harness.emit({"target": "epochs ratio >= 3 for an equal best", "seed": args.seed,
+                  "trials": args.trials, "preset": args.preset})
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -9,14 +9,11 @@ Reports the RSS once 5, 10, 20, 30, 40 and 49 trials have finished (the worker i
 its 50th by design, so 49 is the last count it lives to see finished with certainty) and the
 growth from 5 to the last.  Target (issue 7): within 10 %.
 
-    python bench/memory.py [--preset smoke] [--epochs 1] [--trials 50]
+    python -m bench memory [--preset smoke] [--epochs 1] [--trials 50]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +21,9 @@ import time
 from pathlib import Path
 
 import optuna
+
+from bench import _harness as harness
+from hpo.testing import environment
 
 
 def _memory_mib(pid: int) -> tuple[float, float] | None:
@@ -38,22 +38,23 @@ def _memory_mib(pid: int) -> tuple[float, float] | None:
     return fields["Rss"], fields["Private_Clean"] + fields["Private_Dirty"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--trials", type=int, default=50)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    harness.header(args)
     marks = [m for m in (5, 10, 20, 30, 40, 49) if m < args.trials]
-    with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{Path(tmp) / 'memory.db'}"
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
+    with (tempfile.TemporaryDirectory() as tmp,
+          harness.sqlite_store(Path(tmp), "memory.db") as url):
         driver = subprocess.Popen(
             [sys.executable, "-m", "hpo.cli", "run", "--trials", str(args.trials), "--preset",
              args.preset, "--epochs", str(args.epochs), "--pruner", "none", "--workers", "1",
              "--device", "cpu", "--storage", url, "--study", "memory", "--quiet"],
-            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            cwd=tmp, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
         rss_at: dict[int, float] = {}
         uss_at: dict[int, float] = {}
         worker_pid = None
@@ -80,7 +81,7 @@ def main() -> None:
         if driver.returncode != 0:
             raise SystemExit(f"hpo run failed: {driver.stderr.read().strip()}")
     first, last = rss_at.get(marks[0]), rss_at.get(max(rss_at)) if rss_at else None
-    print(json.dumps({
+    harness.emit({
         "preset": args.preset, "epochs": args.epochs, "trials": args.trials,
         "worker_pid": worker_pid,
         "rss_mib_after_finished": {str(k): round(v, 1) for k, v in sorted(rss_at.items())},
@@ -89,8 +90,4 @@ def main() -> None:
         "uss_growth_from_5_to_last": round(uss_at[max(uss_at)] / uss_at[marks[0]] - 1, 4)
         if uss_at and marks[0] in uss_at else None,
         "target": "within 10 %",
-    }))
-
-
-if __name__ == "__main__":
-    main()
+    })

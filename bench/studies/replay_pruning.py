@@ -1,7 +1,7 @@
 """Replay a `--pruner none` study through learning-curve pruning rules, offline.
 
-Takes a study kept by `bench/pruning.py --keep DIR` (every trial trained to the end) and replays
-its complete trials in trial-number order, as if a pruner had decided at epoch `--rung`:
+Takes a study kept by `python -m bench pruning --keep DIR` (every trial trained to the end) and
+replays its complete trials in trial-number order, as if a pruner had decided at epoch `--rung`:
 
 - rank: successive halving on the epoch's value (go on while in the best 1/eta so far);
 - extrapolate: a ridge regression of the final value on the trial's parameters and its value at
@@ -13,17 +13,17 @@ rule would have trained, how many trials it would have completed and the best fi
 The sampler's feedback is not replayed (a real pruned study samples other trials), so this only
 tells whether a rule is worth a real run, and how much its outcome hangs on its settings.
 
-    python bench/replay_pruning.py DIR/none-seed0.db [--study pruning] [--rung 1]
+    python -m bench replay_pruning DIR/none-seed0.db [--study pruning] [--rung 1]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 
 import numpy as np
 import optuna
+
+from bench import _harness as harness
 
 _LOG = {"lr", "weight_decay", "lam_k", "lam_aux", "lam_det", "batch_size"}
 
@@ -66,24 +66,21 @@ def replay(trials: list[optuna.trial.FrozenTrial], rule: str, startup: int, sett
             "best": round(min(c.value for c in complete), 4)}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
     parser.add_argument("db", help="SQLite file of a --pruner none study")
     parser.add_argument("--study", default="pruning")
     parser.add_argument("--rung", type=int, default=1, help="the epoch the rule decides at")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    harness.header(args)
     study = optuna.load_study(study_name=args.study, storage=f"sqlite:///{args.db}")
     trials = sorted((t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"),
                     key=lambda t: t.number)  # fmt: skip
-    print(json.dumps({"trials": len(trials), "epochs": sum(len(t.intermediate_values)
-                                                           for t in trials),
-                      "best": round(min(t.value for t in trials), 4)}))  # fmt: skip
+    harness.emit({"trials": len(trials),
+                  "epochs": sum(len(t.intermediate_values) for t in trials),
+                  "best": round(min(t.value for t in trials), 4)})
     for rule, settings in (("rank", (3, 4, 6)), ("extrapolate", (0.1, 0.2, 0.3))):
         for startup in (10, 20, 30):
             for setting in settings:
-                print(json.dumps(replay(trials, rule, startup, setting, args.rung)))
-
-
-if __name__ == "__main__":
-    main()
+                harness.emit(replay(trials, rule, startup, setting, args.rung))

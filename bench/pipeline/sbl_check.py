@@ -5,26 +5,30 @@ Issue 16 asks success >= 0.85 on `medium` at >= 10 dB over at least 500 scenes. 
 --min-snr kept until --scenes of them; success as `hpo evaluate` scores it. Matching pursuit with
 the true K runs on the same scenes for comparison, and SBL with its own count too.
 
-    python bench/sbl_check.py [--preset medium] [--scenes 500] [--min-snr 10] [--seed 0]
+    python -m bench sbl_check [--preset medium] [--scenes 500] [--min-snr 10] [--seed 0]
                               [--threads 1]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 
 import torch
 
-from pipeline import preset
-from pipeline._benchmark_eval import SCENE_CHUNK, evaluation_scenes
-from pipeline._data import SceneBatch
-from pipeline._evaluate import Localization, localization_metrics
-from pipeline._physics import Deployment
-from pipeline._pursuit import matching_pursuit
-from pipeline._sbl import SblSettings, sparse_bayesian_learning
+from bench import _harness as harness
+from pipeline import (
+    SCENE_CHUNK,
+    Deployment,
+    Localization,
+    SblSettings,
+    SceneBatch,
+    evaluation_scenes,
+    localization_metrics,
+    matching_pursuit,
+    preset,
+    sparse_bayesian_learning,
+)
 
 
 def _select(found: Localization, index: torch.Tensor) -> Localization:
@@ -50,17 +54,18 @@ def _breakdown(found: Localization, scenes: SceneBatch, k_hat: torch.Tensor, con
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--scenes", type=int, default=500, help="scenes at or above --min-snr")
     parser.add_argument("--min-snr", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (as hpo evaluate)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = preset(args.preset)
     deployment = Deployment.build(config)
+    harness.header(args, torch.device("cpu"))
     # Draw whole chunks of hpo evaluate's scenes until enough lie at or above --min-snr.
     share = (config.snr_db_max - args.min_snr) / (config.snr_db_max - config.snr_db_min)
     n_draw = SCENE_CHUNK * math.ceil(args.scenes / max(share, 1e-3) / SCENE_CHUNK)
@@ -88,9 +93,5 @@ def main() -> None:
         k_hat = found.n_sources
         result[name] = {"seconds_per_scene": seconds / scenes.size,
                         **_breakdown(found, scenes, k_hat, config)}
-        print(name, json.dumps(result[name]), flush=True)
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()
+        harness.emit({"run": name, **result[name]})
+    harness.emit(result)

@@ -9,8 +9,8 @@ training (its process CPU minus every trial's `train_cpu_s`: suggesting, claimin
 writes, reports, pruning questions, tells, checkpoints) and the PostgreSQL server's CPU seconds,
 both per trial, and the worker's CPU by phase (claim, suggestion, attributes, epoch reports,
 pruning questions, the end and tell, the rest). The 8-worker end-to-end share is
-bench/overhead.py's; this one says where it comes from and what a change to the store traffic
-saves.
+`python -m bench overhead`'s; this one says where it comes from and what a change to the store
+traffic saves.
 
 A fresh study is not what a worker meets late in a 200-trial study with 8 workers: `--history N`
 first adds N finished trials shaped like hpo's (the preset's parameters drawn at random, per-epoch
@@ -19,20 +19,19 @@ rung), and `--others R` keeps R trials RUNNING beside the worker's, claimed and 
 worker does, one epoch reported, their heartbeats kept (by a child process, not counted in this
 one's CPU or statements). The worker's own trials are then measured against that state.
 
-    python bench/store_traffic.py [--trials 30] [--preset quick] [--pruner hyperband]
+The database is a fresh one on the server $HPO_TEST_POSTGRES names (an admin URL; by default the
+local one scripts/test.sh starts), dropped afterwards.
+
+    python -m bench store_traffic [--trials 30] [--preset quick] [--pruner hyperband]
                                   [--history 0] [--others 0]
-                                  [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -40,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from overhead import _postgres_cpu_s, postgres_store  # bench/overhead.py
 from sqlalchemy import event
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import _harness as harness
 
 
 def _kind(statement: str) -> str:
@@ -213,8 +211,8 @@ def _start_others(store: Any, url: str, spec: Any, space: Any, base: Any,
     return beating
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--pruner", default="hyperband")
@@ -224,10 +222,7 @@ def main() -> None:
                         help="finished trials in the study before the worker starts")
     parser.add_argument("--others", type=int, default=0,
                         help="trials kept RUNNING beside the worker's (other workers' claims)")
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
-    args = parser.parse_args()
-
-    import optuna
+    args = parser.parse_args(argv)
 
     from hpo._search_space import load_space
     from hpo._study import (
@@ -258,7 +253,8 @@ def main() -> None:
     base = preset(args.preset)
     space = load_space(None, base)
     objective = "composite"
-    with postgres_store(args.postgres) as url, tempfile.TemporaryDirectory() as tmp:
+    harness.header(args)
+    with harness.postgres_store() as url, tempfile.TemporaryDirectory() as tmp:
         os.environ["HPO_STORAGE"] = url
         store = open_storage(url, stale_trial_callback=RequeueStaleTrial())
         settings = StudySettings(preset=args.preset, objective=objective,
@@ -282,11 +278,12 @@ def main() -> None:
         # Warm its cache of finished trials, as a worker that saw the study fill up has it.
         worker.study.get_trials(deepcopy=False)
         counts.clear()
-        pg_before, cpu_before, began = _postgres_cpu_s(), time.process_time(), time.perf_counter()
+        pg_before, cpu_before = harness.postgres_cpu_s(), time.process_time()
+        began = time.perf_counter()
         worker.loop()
         wall = time.perf_counter() - began
         cpu = time.process_time() - cpu_before
-        pg = _postgres_cpu_s() - pg_before
+        pg = harness.postgres_cpu_s() - pg_before
         beating.terminate()
         beating.join()
         trials = [t for t in worker.study.get_trials(deepcopy=False) if t.number >= mine_from]
@@ -317,11 +314,5 @@ def main() -> None:
         },
         "phase_calls_per_trial": {name: round(phases.calls[name] / n, 2)
                                   for name in sorted(phases.calls)},
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "optuna": optuna.__version__,
     }
-    print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    harness.emit(result)

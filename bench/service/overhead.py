@@ -22,77 +22,31 @@ questions and checkpoint writes) and the worker's CPU seconds training without t
     tail_s      = last trial recorded -> `hpo run` has exited
     service_ms  = per trial, the service's share of training (reports, pruning, checkpoints)
 
-    python bench/overhead.py [--trials 24] [--workers 1 2 4] [--stores sqlite postgresql]
+Each store is fresh: a SQLite file in the run's temporary directory, or a new PostgreSQL database
+on the server $HPO_TEST_POSTGRES names (an admin URL; by default the local one scripts/test.sh
+starts), dropped afterwards. One JSON line per measurement; a Markdown table of them on stderr.
+
+    python -m bench overhead [--trials 24] [--workers 1 2 4] [--stores sqlite postgresql]
                              [--preset quick] [--epochs E] [--sampler tpe] [--pruner hyperband]
-                             [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 """
 
 from __future__ import annotations
 
 import argparse
 import calendar
-import contextlib
 import json
 import os
-import platform
-import secrets
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-import psycopg2
-from sqlalchemy.engine import make_url
 
-
-@contextlib.contextmanager
-def sqlite_store(directory: Path) -> Iterator[str]:
-    yield f"sqlite:///{directory / 'bench.db'}"
-
-
-@contextlib.contextmanager
-def postgres_store(admin_url: str) -> Iterator[str]:
-    admin = make_url(admin_url).set(drivername="postgresql")
-    connection = psycopg2.connect(admin.render_as_string(hide_password=False))
-    connection.autocommit = True
-    name = f"hpo_bench_{secrets.token_hex(4)}"
-    with connection.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = make_url(admin_url).set(drivername="postgresql+psycopg2", database=name)
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.close()
-
-
-def _processes() -> Iterator[tuple[int, str, list[str]]]:
-    """(pid, name, the fields of /proc/PID/stat after the name) of every process now."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        yield int(entry.name), name, stat.rsplit(")", 1)[1].split()
-
-
-def _postgres_cpu_s() -> float:
-    """CPU seconds of this machine's PostgreSQL processes so far, ended backends included (the
-    postmaster reaps them: their time is in its children's time)."""
-    total = sum(
-        sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-        for _, name, fields in _processes()
-        if name.startswith("postgres")
-    )
-    return total / os.sysconf("SC_CLK_TCK")
+from bench import _harness as harness
+from hpo.testing import environment
 
 
 class _TreeCPU:
@@ -111,7 +65,7 @@ class _TreeCPU:
         tick = os.sysconf("SC_CLK_TCK")
         parents: dict[int, int] = {}
         cpu: dict[int, float] = {}
-        for pid, _, fields in _processes():
+        for pid, _, fields in harness.processes():
             parents[pid] = int(fields[1])
             cpu[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime stime
         tree = {self.root}
@@ -158,7 +112,7 @@ def _idle_cpu_s() -> float:
 
 
 def measure(url: str, workers: int, trials: int, cwd: Path, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HPO_STORAGE": "", "TZ": "UTC"}
+    env = environment()  # no GPU, no store URL from the caller's environment, UTC
     command = [
         sys.executable, "-m", "hpo.cli", "run", "--trials", str(trials), "--preset", args.preset,
         "--pruner", args.pruner, "--sampler", args.sampler, "--seed", "0",
@@ -168,7 +122,7 @@ def measure(url: str, workers: int, trials: int, cwd: Path, args: argparse.Names
     if args.epochs:
         command += ["--epochs", str(args.epochs)]
     launched = time.time()
-    pg_before, idle_before = _postgres_cpu_s(), _idle_cpu_s()
+    pg_before, idle_before = harness.postgres_cpu_s(), _idle_cpu_s()
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -178,7 +132,7 @@ def measure(url: str, workers: int, trials: int, cwd: Path, args: argparse.Names
     hpo_cpu = tree.stop()
     roles = tree.by_role()
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    pg_cpu, idle = _postgres_cpu_s() - pg_before, _idle_cpu_s() - idle_before
+    pg_cpu, idle = harness.postgres_cpu_s() - pg_before, _idle_cpu_s() - idle_before
     if result.returncode != 0:
         raise SystemExit(f"hpo run failed ({result.returncode}): {result.stderr.strip()}")
     study = optuna.load_study(study_name="bench", storage=url)
@@ -230,54 +184,44 @@ def measure(url: str, workers: int, trials: int, cwd: Path, args: argparse.Names
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--stores", nargs="+", default=["sqlite", "postgresql"])
-    parser.add_argument(
-        "--postgres",
-        default=os.environ.get(
-            "HPO_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
-        ),
-        help="admin URL; a fresh database is created (and dropped) for each measurement",
-    )
+    parser.add_argument("--stores", nargs="+", default=["sqlite", "postgresql"],
+                        choices=["sqlite", "postgresql"],
+                        help="a fresh store of each kind for each measurement "
+                             "(PostgreSQL: on the server $HPO_TEST_POSTGRES names)")
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--epochs", type=int, default=0, help="0: the preset's")
     parser.add_argument("--sampler", default="tpe")
     parser.add_argument("--pruner", default="hyperband")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    harness.header(args)
 
     rows = []
     for store in args.stores:
         for workers in args.workers:
             with tempfile.TemporaryDirectory() as tmp:
                 cwd = Path(tmp)
-                maker = sqlite_store(cwd) if store == "sqlite" else postgres_store(args.postgres)
+                maker = (harness.sqlite_store(cwd) if store == "sqlite" else
+                         harness.postgres_store())
                 with maker as url:
                     row = {"store": store, "preset": args.preset, "sampler": args.sampler,
                            "pruner": args.pruner,
                            **measure(url, workers, args.trials, cwd, args)}
             rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            harness.emit(row)
 
-    print(
-        f"cpus {os.cpu_count()}, {platform.processor() or platform.machine()}, "
-        f"python {platform.python_version()}, optuna {optuna.__version__}"
-    )
     header = ("store", "preset", "workers", "cores", "trials", "epochs", "wall_s",
               "train_s_per_trial", "service_ms", "startup_s", "tail_s", "share_wall",
               "share_cpu", "cpu_train_s", "cpu_hpo_other_s", "cpu_launcher_s", "cpu_starter_s",
               "cpu_workers_other_s", "cpu_postgres_s", "cpu_idle_s", "cpu_rest_s")  # fmt: skip
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    harness.note("| " + " | ".join(header) + " |")
+    harness.note("|" + "---|" * len(header))
     for row in rows:
-        print("| " + " | ".join(str(row[key]) for key in header) + " |")
+        harness.note("| " + " | ".join(str(row[key]) for key in header) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-
-
-if __name__ == "__main__":
-    main()

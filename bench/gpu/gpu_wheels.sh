@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Fetch, here, the wheels that bench/gpu_device.sh installs on a lent GPU machine, which reaches no
-# package registry. Its image already holds torch, numpy, scipy, matplotlib, tqdm, PyYAML,
-# packaging, typing-extensions, MarkupSafe, click, rich and shellingham (device tool, KINDS.md); it
-# lacks Optuna and its store (SQLAlchemy, Alembic, Mako, colorlog), and pydantic, which this
-# typer imports. Versions: the ones installed here, so the device runs what the tests ran.
+# Fetch, here, the wheels that bench/gpu/gpu_device.sh installs on a lent GPU machine, which
+# reaches no package registry. Its image already holds torch, numpy, scipy, matplotlib, tqdm,
+# PyYAML, packaging, typing-extensions, MarkupSafe, click, rich and shellingham (device tool,
+# KINDS.md); it lacks Optuna and its store (SQLAlchemy, Alembic, Mako, colorlog), and pydantic,
+# which this typer imports. Versions: the ones installed here, so the device runs what the tests ran.
 # Python 3.12 is the device image's.
 #
-#   bash bench/gpu_wheels.sh [DIR]   # DIR relative to the repository root; default .whl/ (git-
+#   bash bench/gpu/gpu_wheels.sh [DIR]   # DIR relative to the repository root; default .whl/ (git-
 #                                    # ignored), the folder to name in the device run's `carry`
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DIR=${1:-.whl}
 PY=${DEVICE_PYTHON:-3.12}
 mkdir -p "$DIR" && rm -f "$DIR"/*.whl  # only the wheels: DIR may be a folder of the caller's

@@ -7,30 +7,28 @@ refinement, scored on the same scenes. Accuracy on R_true (noise-free: what the 
 loses) and on R_samp (the classical estimate), both with the true K so that only the search
 differs; timing with MDL's K, as in use.
 
-    python bench/localize.py [--preset full] [--scenes 200] [--device auto] [--threads 1]
+    python -m bench localize [--preset full] [--scenes 200] [--timed 30] [--device auto]
+                             [--threads 1]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
-import time
 
 import torch
 
-from pipeline import _covariance as cov
-from pipeline import preset, resolve_device
-from pipeline._config import replace
-from pipeline._data import load_split
-from pipeline._evaluate import localization_metrics, mdl_estimate, music_localize
-from pipeline._physics import Deployment
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench import _harness as harness
+from pipeline import (
+    Deployment,
+    load_split,
+    localization_metrics,
+    mdl_estimate,
+    music_localize,
+    preset,
+    replace,
+    resolve_device,
+)
+from pipeline import _covariance as cov  # R_true and R_samp: not in pipeline's face
 
 
 def _original_resolution(config):
@@ -48,14 +46,14 @@ def _localize_one(r_samp: torch.Tensor, config, deployment, n_snapshots: int):
     return music_localize(r_samp, k_hat, deployment, config)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
     parser.add_argument("--preset", default="full")
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--timed", type=int, default=30, help="scenes timed one at a time")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     config = preset(args.preset)
@@ -64,26 +62,21 @@ def main() -> None:
     r_true = cov.true_covariance(scenes.steering, scenes.power)
     r_samp = cov.sample_covariance(scenes.fields)
     original = _original_resolution(config)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(f"# {args.preset}: N={config.n_elements}, K<={config.max_sources}, r<="
-          f"{config.range_max_m} m; device {device} ({name}), {torch.get_num_threads()} threads")
+    harness.header(args, device, n_elements=config.n_elements, max_sources=config.max_sources,
+                   range_max_m=config.range_max_m)
 
     # Time: one scene per call (MDL + MUSIC + refinement), after a warm-up call.
     results = {}
     for label, cfg in (("refined", config), ("original grid", original)):
         _localize_one(r_samp[:1], cfg, deployment, config.n_snapshots)
-        times = []
+        times: list[float] = []
         for index in range(min(args.timed, args.scenes)):
-            _sync(device)
-            start = time.perf_counter()
-            _localize_one(r_samp[index:index + 1], cfg, deployment, config.n_snapshots)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        _sync(device)
-        start = time.perf_counter()
-        _localize_one(r_samp, cfg, deployment, config.n_snapshots)
-        _sync(device)
-        batched = (time.perf_counter() - start) / args.scenes
+            with harness.timed(device, times):
+                _localize_one(r_samp[index:index + 1], cfg, deployment, config.n_snapshots)
+        whole: list[float] = []
+        with harness.timed(device, whole):
+            _localize_one(r_samp, cfg, deployment, config.n_snapshots)
+        batched = whole[0] / args.scenes
         grid_points = cfg.music_grid_azimuth * cfg.music_grid_elevation * cfg.music_grid_range
         row = {"grid": f"{cfg.music_grid_azimuth}x{cfg.music_grid_elevation}x"
                        f"{cfg.music_grid_range}", "grid_points": grid_points,
@@ -98,18 +91,15 @@ def main() -> None:
                         "inlier_rmse_elevation_deg", "inlier_rmse_range_m", "composite"):
                 row[f"{source}:{key}"] = round(metrics[key], 4)
         results[label] = row
-        print(json.dumps({"search": label, **row}))
+        harness.emit({"search": label, **row})
     alone = results["refined"]["ms_per_scene_alone_median"]
-    print(json.dumps({
+    harness.emit({
         "original_detection_ms": 8500, "original_music_known_k_ms": 2100,
         "speedup_vs_original_detection": round(8500 / alone, 1),
         "speedup_vs_original_music_known_k": round(2100 / alone, 1),
         "target_ms": 85, "met": alone <= 85,
         "accuracy_at_least_original_grid": all(
-            results["refined"][f"{s}:success_rate"] >= results["original grid"][f"{s}:success_rate"]
+            results["refined"][f"{s}:success_rate"]
+            >= results["original grid"][f"{s}:success_rate"]
             for s in ("R_true", "R_samp")),
-    }))
-
-
-if __name__ == "__main__":
-    main()
+    })

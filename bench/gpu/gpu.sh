@@ -2,10 +2,13 @@
 # Every GPU benchmark of issue 7 in one go (target: under 10 minutes on one H100), for whoever is
 # lent a GPU. Writes its log and JSON lines to ${OUT:-bench-gpu-out}/ and prints a summary.
 #
-#   bash bench/gpu.sh            # needs a CUDA build of torch and `pip install -e .`
-#   SMOKE=1 bash bench/gpu.sh    # every step on the CPU at toy sizes (smoke preset, 2 trials):
-#                                # checks the script itself before a GPU's minutes are spent on it
-#   STEPS="4 6" bash bench/gpu.sh   # only those steps (a rerun of the ones that failed)
+#   bash bench/gpu/gpu.sh            # needs a CUDA build of torch and `pip install -e .`
+#   SMOKE=1 bash bench/gpu/gpu.sh    # every step on the CPU at toy sizes (smoke preset, 2
+#                                    # trials): checks the script before a GPU's minutes go to it
+#   STEPS="4 6" bash bench/gpu/gpu.sh   # only those steps (a rerun of the ones that failed)
+#
+# Steps 1-4 and 7 are benchmarks of the suite (`python -m bench NAME`, run from the repository
+# root); their JSON lines, a header line first, go to $OUT/*.jsonl.
 #
 # 1. generation: 10,000 full-preset scenes on the device (target < 1 s)
 # 2. training throughput, full preset (scenes/s) and validation
@@ -21,10 +24,10 @@
 #
 # A step that fails is reported and the next one runs all the same: one lease's minutes are not
 # lost to one broken step. The exit status is 1 when any step failed; the last line names them.
-# SIGINT or SIGTERM (`timeout -s INT`, as bench/gpu_device.sh sends it) stops after the running
-# step, which gets the signal too: `hpo run` then records its trials before it exits.
+# SIGINT or SIGTERM (`timeout -s INT`, as bench/gpu/gpu_device.sh sends it) stops after the
+# running step, which gets the signal too: `hpo run` then records its trials before it exits.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench-gpu-out}
 WORKERS_PER_GPU=${WORKERS_PER_GPU:-4}
 TRIALS=${TRIALS:-200}
@@ -84,22 +87,23 @@ run() {
 
 step1() {
     step "1. generation"
-    python bench/generation.py --device "$DEVICE" --preset "$PRESET" --scenes "$GEN_SCENES" \
+    python -m bench generation --device "$DEVICE" --preset "$PRESET" --scenes "$GEN_SCENES" \
         | tee "$OUT/generation.jsonl"
 }
 step2() {
     step "2. training throughput"
-    python bench/train_throughput.py --device "$DEVICE" --presets "$PRESET" quick \
+    python -m bench train_throughput --device "$DEVICE" --presets "$PRESET" quick \
         --steps "$TT_STEPS" --repeats "$TT_REPEATS" | tee "$OUT/train_throughput.jsonl"
 }
 step3() {
     step "3. trial profile ($PRESET)"
-    python bench/trial_profile.py --device "$DEVICE" --preset "$PRESET" --threads 4 \
+    # its JSON lines on stdout, its table on stderr: both in the file
+    python -m bench trial_profile --device "$DEVICE" --preset "$PRESET" --threads 4 2>&1 \
         | tee "$OUT/trial_profile.txt"
 }
 step4() {
     step "4. localize one scene"
-    python bench/localize.py --device "$DEVICE" --preset "$PRESET" --scenes "$LOC_SCENES" \
+    python -m bench localize --device "$DEVICE" --preset "$PRESET" --scenes "$LOC_SCENES" \
         --timed "$LOC_TIMED" | tee "$OUT/localize.jsonl"
 }
 step5() {
@@ -156,7 +160,7 @@ import json, statistics, sys
 
 import optuna
 
-from hpo._study import count_trials
+from hpo import count_trials
 
 start, end, path, budget, db = (float(sys.argv[1]), float(sys.argv[2]), sys.argv[3],
                                 int(sys.argv[4]), sys.argv[5])
@@ -180,7 +184,7 @@ PY
 
 step7() {
     step "7. torch.compile of the trunk ($PRESET)"
-    python bench/train_throughput.py --device "$DEVICE" --presets "$PRESET" \
+    python -m bench train_throughput --device "$DEVICE" --presets "$PRESET" \
         --compile none default --steps "$TT_STEPS" --repeats 3 | tee "$OUT/compile.jsonl"
 }
 

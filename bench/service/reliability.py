@@ -16,26 +16,21 @@ a retry, or anything left RUNNING/WAITING), budget overshoot (finished trials be
 and for the kills the seconds from the kill to the retry being claimed and to its training
 starting again, with the epoch it resumed after.
 
-    python bench/reliability.py [--repeats 2] [--json out.json]
+    python -m bench reliability [--repeats 2] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import secrets
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hpo._study import count_trials
+from bench import _harness as harness
+from hpo import count_trials
 from hpo.testing import StoreReader, finish, mid_trial, start_node
 from storage.testing import PrivateCluster
 
@@ -142,11 +137,12 @@ def pg_restart(cluster: PrivateCluster, work: Path, space: str) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each kill fault")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    harness.header(args)
     cluster = PrivateCluster()
     results = []
     try:
@@ -156,22 +152,20 @@ def main() -> None:
             space.write_text("n_train = 2048\n")  # about a second per epoch on a free core
             for _ in range(args.repeats):
                 results.append(worker_kill(cluster.url, work, str(space)))
-                print(json.dumps(results[-1]), flush=True)
+                harness.emit(results[-1])
                 results.append(node_loss(cluster.url, work, str(space)))
-                print(json.dumps(results[-1]), flush=True)
+                harness.emit(results[-1])
             results.append(pg_restart(cluster, work, str(space)))
-            print(json.dumps(results[-1]), flush=True)
+            harness.emit(results[-1])
     finally:
         cluster.close()
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+        "machine": harness.machine_info(),
         "results": results,
     }
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    harness.emit({"faults": len(results),
+                  "lost": sum(r["lost"] for r in results),
+                  "overshoot": sum(r["overshoot"] for r in results)})

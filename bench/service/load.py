@@ -1,8 +1,8 @@
 """Many nodes on one PostgreSQL study: N `hpo run` nodes x W workers started at the same instant.
 
 A fresh PostgreSQL database (optionally pre-filled with `--prefill` finished trials shaped like
-hpo's, added through Optuna's public API as bench/store_traffic.py does) gets `--nodes` real
-`hpo run` commands at once, each with `--workers` workers, its own HPO_HOST and working
+hpo's, added through Optuna's public API as `python -m bench store_traffic` does) gets `--nodes`
+real `hpo run` commands at once, each with `--workers` workers, its own HPO_HOST and working
 directory, one shared checkpoint directory, all towards one budget of `--trials` more trials.
 Reported:
 
@@ -25,19 +25,17 @@ Reported:
 On a 2-core machine 16 workers share two cores, so wall figures include waiting for a core; the
 growth from a fresh study to a full one is what they show.
 
-    python bench/load.py [--nodes 4] [--workers 4] [--trials 400] [--preset smoke]
-                         [--prefill 0] [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
+The database is a fresh one on the server $HPO_TEST_POSTGRES names (an admin URL; by default the
+local one scripts/test.sh starts), dropped afterwards.
+
+    python -m bench load [--nodes 4] [--workers 4] [--trials 400] [--preset smoke] [--prefill 0]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from overhead import _postgres_cpu_s, postgres_store  # bench/overhead.py
 from sqlalchemy.engine import make_url
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import _harness as harness
 
 STUDY = "load"
 
@@ -82,8 +79,7 @@ class _Connections:
 
 
 def _prefill(url: str, n: int, budget: int, preset_name: str) -> None:
-    from store_traffic import _seed_history  # bench/store_traffic.py
-
+    from bench.service.store_traffic import _seed_history
     from hpo._search_space import load_space
     from hpo._study import OBJECTIVES, REDUCTION_FACTOR, StudySettings, create_or_load_study
     from pipeline import preset
@@ -138,24 +134,24 @@ def _store_times(trials: list[Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--workers", type=int, default=4, help="workers per node")
     parser.add_argument("--trials", type=int, default=400, help="trials to run (after prefill)")
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--prefill", type=int, default=0,
                         help="finished trials added to the study before the nodes start")
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import optuna
 
     from hpo._study import count_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    harness.header(args)
     budget = args.prefill + args.trials
-    with postgres_store(args.postgres) as url, tempfile.TemporaryDirectory() as tmp:
+    with harness.postgres_store() as url, tempfile.TemporaryDirectory() as tmp:
         prefill_s = 0.0
         if args.prefill:
             began = time.perf_counter()
@@ -166,7 +162,7 @@ def main() -> None:
                    "--study", STUDY, "--storage", url, "--workers", str(args.workers),
                    "--threads", "1", "--quiet", "--checkpoint-dir", str(Path(tmp) / "ckpt")]
         nodes = []
-        pg_before, began = _postgres_cpu_s(), time.perf_counter()
+        pg_before, began = harness.postgres_cpu_s(), time.perf_counter()
         for index in range(args.nodes):
             cwd = Path(tmp) / f"node-{index}"
             cwd.mkdir()
@@ -179,7 +175,7 @@ def main() -> None:
             codes.append(proc.wait())
             log.close()
         wall = time.perf_counter() - began
-        pg_cpu = _postgres_cpu_s() - pg_before
+        pg_cpu = harness.postgres_cpu_s() - pg_before
         peak = connections.stop()
         tails = {f"node-{i}": (cwd / "hpo-run.txt").read_text().strip().splitlines()[-1:]
                  for i, (_, _, cwd) in enumerate(nodes)}
@@ -211,11 +207,5 @@ def main() -> None:
         "trials_per_min": round(60 * finished_in_run / wall, 1),
         "postgres_cpu_ms_per_trial": round(1000 * pg_cpu / max(finished_in_run, 1), 1),
         "store_time": _store_times(run),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "optuna": optuna.__version__,
     }
-    print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    harness.emit(result)
