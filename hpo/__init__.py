@@ -18,46 +18,59 @@ from hpo._errors import (
     NothingToReport,
     OutputNotWritable,
     ReportError,
+    RunStopped,
     SpaceError,
     StudyError,
 )
 
 if TYPE_CHECKING:
+    from hpo._attrs import ATTR_CHECKPOINT
+    from hpo._budget import StudyCounts, budget_state, claim_trial, count_trials
+    from hpo._requeue import fail_trial
+    from hpo._run import RunRequest, run_study
     from hpo._search_space import SearchSpace, default_space, load_space, suggest_config
-    from hpo._study import (
-        ATTR_CHECKPOINT,
+    from hpo._strategies import (
         OBJECTIVES,
+        PRUNERS,
         REDUCTION_FACTOR,
-        StudyCounts,
-        StudySettings,
-        best_trial,
-        claim_trial,
-        count_trials,
-        create_or_load_study,
-        load_existing_study,
+        SAMPLERS,
         make_pruner,
         make_sampler,
         pruning_steps,
     )
+    from hpo._studies import (
+        StudySettings,
+        StudySpec,
+        best_trial,
+        create_or_load_study,
+        load_existing_study,
+    )
 
 _LAZY = {
+    "fail_trial": "hpo._requeue",
+    "budget_state": "hpo._budget",
+    "run_study": "hpo._run",
+    "RunRequest": "hpo._run",
+    "SAMPLERS": "hpo._strategies",
+    "PRUNERS": "hpo._strategies",
+    "StudySpec": "hpo._studies",
     "SearchSpace": "hpo._search_space",
     "default_space": "hpo._search_space",
     "load_space": "hpo._search_space",
     "suggest_config": "hpo._search_space",
-    "ATTR_CHECKPOINT": "hpo._study",
-    "OBJECTIVES": "hpo._study",
-    "REDUCTION_FACTOR": "hpo._study",
-    "StudyCounts": "hpo._study",
-    "StudySettings": "hpo._study",
-    "best_trial": "hpo._study",
-    "claim_trial": "hpo._study",
-    "count_trials": "hpo._study",
-    "create_or_load_study": "hpo._study",
-    "load_existing_study": "hpo._study",
-    "make_pruner": "hpo._study",
-    "make_sampler": "hpo._study",
-    "pruning_steps": "hpo._study",
+    "ATTR_CHECKPOINT": "hpo._attrs",
+    "OBJECTIVES": "hpo._strategies",
+    "REDUCTION_FACTOR": "hpo._strategies",
+    "StudyCounts": "hpo._budget",
+    "StudySettings": "hpo._studies",
+    "best_trial": "hpo._studies",
+    "claim_trial": "hpo._budget",
+    "count_trials": "hpo._budget",
+    "create_or_load_study": "hpo._studies",
+    "load_existing_study": "hpo._studies",
+    "make_pruner": "hpo._strategies",
+    "make_sampler": "hpo._strategies",
+    "pruning_steps": "hpo._strategies",
 }
 
 
@@ -73,7 +86,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ATTR_CHECKPOINT",
     "OBJECTIVES",
+    "PRUNERS",
     "REDUCTION_FACTOR",
+    "SAMPLERS",
     "DashboardError",
     "HpoError",
     "LaunchError",
@@ -81,20 +96,26 @@ __all__ = [
     "NothingToReport",
     "OutputNotWritable",
     "ReportError",
+    "RunRequest",
+    "RunStopped",
     "SearchSpace",
     "SpaceError",
     "StudyCounts",
     "StudyError",
     "StudySettings",
+    "StudySpec",
     "best_trial",
+    "budget_state",
     "claim_trial",
     "count_trials",
     "create_or_load_study",
     "default_space",
+    "fail_trial",
     "load_existing_study",
     "load_space",
     "make_pruner",
     "make_sampler",
     "pruning_steps",
+    "run_study",
     "suggest_config",
 ]

@@ -7,8 +7,7 @@ from typing import Annotated
 import typer
 
 from hpo._app import app
-from hpo._cmd_study import EXIT_USAGE, StorageOption
-from hpo._common import fail
+from hpo._common import EXIT_USAGE, StorageOption, fail
 
 
 @app.command()
@@ -39,8 +38,9 @@ def dashboard(
     unless --allow-edit."""
     import optuna
 
-    from hpo._dashboard import DashboardError, bind, dashboard_app
-    from hpo._study import StudyError, load_existing_study
+    from hpo._dashboard import bind, dashboard_app
+    from hpo._errors import HpoError
+    from hpo._studies import load_existing_study
     from storage import StorageError, open_storage, resolve_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -52,7 +52,7 @@ def dashboard(
             name = load_existing_study(store, study).study_name
             page = f"/dashboard/studies/{store.get_study_id_from_name(name)}"
         server = bind(dashboard_app(store, allow_edit=allow_edit), host, port)
-    except (StorageError, StudyError, DashboardError) as error:
+    except (StorageError, HpoError) as error:
         fail(str(error), EXIT_USAGE)
     shown_host = f"[{host}]" if ":" in host else host
     typer.echo(f"dashboard of {location.describe()}: http://{shown_host}:{port}{page}")

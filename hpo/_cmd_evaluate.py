@@ -20,11 +20,9 @@ from typing import Annotated, Any
 import typer
 
 from hpo._app import app
-from hpo._common import fail
+from hpo._common import EXIT_INCOMPLETE, EXIT_USAGE, fail, open_study
 from pipeline import PipelineError
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
 CSV_NAME = "evaluation.csv"
 JSON_NAME = "evaluation.json"
 PLOT_NAME = "rmse_vs_snr.png"
@@ -65,16 +63,14 @@ def _resolve_checkpoint(checkpoint: Path | None, from_best: bool, storage: str |
         if not checkpoint.is_file():
             fail(f"no checkpoint file at {checkpoint}", EXIT_USAGE)
         return checkpoint
-    from hpo._cmd_study import _open_study
-    from hpo._study import ATTR_CHECKPOINT, best_trial, study_settings
+    from hpo._attrs import ATTR_CHECKPOINT
+    from hpo._studies import best_trial, direction_of
 
-    _, the_study = _open_study(storage, study)
-    settings = study_settings(the_study)
-    trial = best_trial(the_study.get_trials(deepcopy=False),
-                       settings.direction if settings else "minimize")
+    _, the_study = open_study(storage, study)
+    trial = best_trial(the_study.get_trials(deepcopy=False), direction_of(the_study))
     name = the_study.study_name
     if trial is None:
-        fail(f"study {name!r} has no complete trial yet", EXIT_FAILED)
+        fail(f"study {name!r} has no complete trial yet", EXIT_INCOMPLETE)
     saved = trial.user_attrs.get(ATTR_CHECKPOINT)
     if not saved:
         fail(f"best trial {trial.number} of study {name!r} has no saved checkpoint; run `hpo train --from-best` first and pass its "
@@ -258,7 +254,7 @@ def evaluate(
         result = evaluate_model(model, config, deployment, n_scenes=scenes, seed=seed,
                                 progress=progress)
     except PipelineError as error:
-        fail(f"{type(error).__name__}: {_first_line(error)}", EXIT_FAILED)
+        fail(f"{type(error).__name__}: {_first_line(error)}", EXIT_INCOMPLETE)
     elapsed = time.perf_counter() - started
     payload = {
         "checkpoint": str(path),
@@ -284,7 +280,7 @@ def evaluate(
         _write_csv(result.rows, run_dir / CSV_NAME)
         _write_plot(result.rows, run_dir / PLOT_NAME)
     except OSError as error:
-        fail(f"cannot write the results to {run_dir}: {error.strerror or error}", EXIT_FAILED)
+        fail(f"cannot write the results to {run_dir}: {error.strerror or error}", EXIT_INCOMPLETE)
     if as_json:
         typer.echo(json.dumps(payload))
         return

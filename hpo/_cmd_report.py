@@ -8,15 +8,15 @@ from typing import Annotated
 import typer
 
 from hpo._app import app
-from hpo._cmd_study import (
+from hpo._common import (
     EXIT_INCOMPLETE,
     EXIT_USAGE,
     ExistingStudyOption,
     JsonOption,
     StorageOption,
-    _open_study,
+    fail,
+    open_study,
 )
-from hpo._common import fail
 
 
 @app.command()
@@ -35,10 +35,11 @@ def report(
 
     import optuna
 
-    from hpo._report import OutputNotWritable, ReportError, prepare_out_dir, write_report
+    from hpo._errors import OutputNotWritable, ReportError
+    from hpo._report import prepare_out_dir, write_report
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    location, the_study = _open_study(storage, study)
+    location, the_study = open_study(storage, study)
     if not the_study.get_trials(deepcopy=False):
         fail(
             f"study {the_study.study_name!r} has no trials yet; nothing to report", EXIT_INCOMPLETE

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from hpo._app import app
-from hpo._common import build_config, fail
+from hpo._common import EXIT_INCOMPLETE, JsonOption, build_config, fail, open_study
 from pipeline import PRESETS, ExperimentConfig, PipelineError
 
 PresetOption = Annotated[
@@ -25,7 +25,6 @@ EpochsOption = Annotated[
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Shortcut for --set seed=S.")]
 DeviceOption = Annotated[
     str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 
 
 def _format_epoch(metrics: dict, n_epochs: int) -> str:
@@ -70,18 +69,16 @@ def _config_from_file(path: Path) -> ExperimentConfig:
 
 def _config_from_best(storage: str | None, study: str | None) -> tuple[ExperimentConfig, dict]:
     """The config stored on the study's best trial, and where it came from."""
-    from hpo._cmd_study import EXIT_INCOMPLETE, _open_study
-    from hpo._study import best_trial, study_settings
+    from hpo._attrs import ATTR_CONFIG
+    from hpo._studies import best_trial, direction_of
     from pipeline import config_from_dict
 
-    location, the_study = _open_study(storage, study)
+    location, the_study = open_study(storage, study)
     name = the_study.study_name
-    settings = study_settings(the_study)
-    trial = best_trial(the_study.get_trials(deepcopy=False),
-                       settings.direction if settings else "minimize")
+    trial = best_trial(the_study.get_trials(deepcopy=False), direction_of(the_study))
     if trial is None:
         fail(f"study {name!r} has no complete trial yet; nothing to retrain", EXIT_INCOMPLETE)
-    data = trial.user_attrs.get("config")
+    data = trial.user_attrs.get(ATTR_CONFIG)
     if not isinstance(data, dict):
         fail(f"best trial {trial.number} of study {name!r} has no stored config", EXIT_INCOMPLETE)
     try:

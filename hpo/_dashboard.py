@@ -25,18 +25,18 @@ import json
 import socket
 import socketserver
 from collections.abc import Container, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from bottle import HTTPError
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
-from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo._errors import DashboardError
 
+_Study = TypeVar("_Study")  # optuna's FrozenStudy, whose module is private
 READ_ONLY_MESSAGE = "this dashboard is read-only; start it with --allow-edit to change studies"
 
 
@@ -89,7 +89,7 @@ def _readable_trial(trial: FrozenTrial) -> FrozenTrial:
     return view
 
 
-def _readable_study(study: FrozenStudy) -> FrozenStudy:
+def _readable_study(study: _Study) -> _Study:
     view = copy.copy(study)
     view.user_attrs = flatten_attrs(study.user_attrs, max_depth=1)
     return view
@@ -125,7 +125,7 @@ class ReadableStorage(BaseStorage):
         trials = self._inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
         return [_readable_trial(trial) for trial in trials]
 
-    def get_all_studies(self) -> list[FrozenStudy]:
+    def get_all_studies(self) -> list[Any]:
         return [_readable_study(study) for study in self._inner.get_all_studies()]
 
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:

@@ -41,3 +41,7 @@ class DashboardError(HpoError):
 
 class NonFiniteObjective(HpoError, ArithmeticError):
     """A trial's objective came out NaN or infinite."""
+
+
+class RunStopped(HpoError):
+    """`hpo run` stopped before the study was done: its store was lost for good."""

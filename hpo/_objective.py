@@ -28,8 +28,8 @@ from typing import Any
 import optuna
 import torch
 
+from hpo._attrs import ATTR_HISTORY
 from hpo._errors import NonFiniteObjective
-from hpo._trial_writes import report_epoch, set_user_attrs
 from pipeline import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -39,6 +39,7 @@ from pipeline import (
     load_checkpoint,
     train,
 )
+from storage import report_epoch, set_user_attrs
 
 _logger = logging.getLogger(__name__)
 # The file pipeline.train writes in its checkpoint_dir each epoch (run_trial checks that train
@@ -95,7 +96,7 @@ def run_trial(
     every epoch, or every `checkpoint_every_s` seconds of training and after the last epoch) and
     resumes from a checkpoint of the same config found there; `on_resume(epoch)` is
     called first with the epoch it resumes after (0 for a fresh start). The pruner is asked
-    after the epochs in `prune_steps` (`hpo._study.pruning_steps`; None: after every one), and
+    after the epochs in `prune_steps` (`hpo._strategies.pruning_steps`; None: after every one), and
     once after the epochs restored from a checkpoint. Numerical failures and CUDA
     out-of-memory end the trial as FAIL with their reason; anything raised by `guard` or `store`
     or a KeyboardInterrupt-like BaseException propagates to the caller.
@@ -120,9 +121,9 @@ def run_trial(
 
         def send() -> bool:
             if not math.isfinite(value):
-                set_user_attrs(trial, {"history": history})
+                set_user_attrs(trial, {ATTR_HISTORY: history})
                 return False
-            report_epoch(trial, value, metrics.epoch, {"history": history})  # one transaction
+            report_epoch(trial, value, metrics.epoch, {ATTR_HISTORY: history})  # one transaction
             # After the last epoch there is no training left to save: the trial completes.
             return (
                 metrics.epoch < config.epochs

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,37 +18,16 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._attrs import ATTR_BUDGET, ATTR_CHECKPOINT, ATTR_METRICS, failures
+from hpo._budget import count_trials
 from hpo._errors import NothingToReport, OutputNotWritable
-from hpo._study import (
-    ATTR_BUDGET,
-    ATTR_CHECKPOINT,
-    ATTR_FAIL_REASON,
-    StudySettings,
-    best_trial,
-    count_trials,
-    study_settings,
-)
+from hpo._figures import evaluator, plan_figures, plots_html, quiet_plotting, save_png
+from hpo._studies import StudySettings, best_trial, direction_of, study_settings
 
 # PED-ANOVA compares complete trials: it needs two (the dashboard's rule too), and with a
 # handful the ranking is rough (the summary says so).
 MIN_COMPLETE_FOR_IMPORTANCE = 2
 MAX_PLOTTED_PARAMS = 6  # parallel coordinates and slices: the most important ones
-DPI = 100
-
-STATE_STYLE: dict[TrialState, dict[str, Any]] = {
-    TrialState.COMPLETE: {
-        "color": "#1f77b4",
-        "linestyle": "-",
-        "marker": "o",
-        "label": "complete",
-    },
-    TrialState.PRUNED: {"color": "#ff7f0e", "linestyle": "--", "marker": "x", "label": "pruned"},
-    TrialState.FAIL: {"color": "#d62728", "linestyle": ":", "marker": "s", "label": "failed"},
-    TrialState.RUNNING: {"color": "#7f7f7f", "linestyle": "-.", "marker": ".", "label": "running"},
-}
-
-
-
 
 
 @dataclass
@@ -88,8 +66,7 @@ def write_report(study: optuna.Study, out_dir: Path, *, store: str) -> Report:
         )
     prepare_out_dir(out_dir)
     settings = study_settings(study)
-    direction = settings.direction if settings else study.direction.name.lower()
-    best = best_trial(trials, direction)
+    best = best_trial(trials, direction_of(study))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     report = Report(out_dir)
 
@@ -97,55 +74,11 @@ def write_report(study: optuna.Study, out_dir: Path, *, store: str) -> Report:
     plotted = _plotted_params(study, importances, complete)
     objective = settings.objective if settings else "objective"
 
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_mpl
-
-    def save(name: str, draw: Callable[[], Any], size: tuple[float, float]) -> None:
-        try:
-            with _quiet_plotting():
-                axes = draw()
-                figure = _figure_of(axes)
-                figure.set_size_inches(*size)
-                figure.savefig(out_dir / name, dpi=DPI, bbox_inches="tight")
-        finally:
-            plt.close("all")
-        report.files.append(out_dir / name)
-
-    if complete:
-        save("history.png", lambda: optuna_mpl.plot_optimization_history(study), (9, 5))
-    else:
-        report.notes.append("history.png: no complete trial yet")
-    save(
-        "intermediate_values.png",
-        lambda: _plot_intermediate_values_mpl(trials, objective, best),
-        (9, 5),
-    )
-    if importances is not None:
-        save(
-            "importances.png",
-            lambda: optuna_mpl.plot_param_importances(study, evaluator=_evaluator()),
-            (8, 1.5 + 0.4 * len(importances)),
-        )
-    if complete and plotted:
-        save(
-            "parallel_coordinate.png",
-            lambda: optuna_mpl.plot_parallel_coordinate(study, params=plotted),
-            (3 + 1.6 * len(plotted), 6),
-        )
-        save(
-            "slice.png",
-            lambda: optuna_mpl.plot_slice(study, params=plotted),
-            (3.2 * len(plotted), 3.6),
-        )
-    elif complete:
-        report.notes.append("parallel_coordinate.png, slice.png: the study searches no parameter")
-    else:
-        report.notes.append("parallel_coordinate.png, slice.png: no complete trial yet")
-
-    _write_plots_html(study, trials, objective, best, importances, plotted, report)
+    figures, notes = plan_figures(study, trials, objective=objective, best=best,
+                                  importances=importances, plotted=plotted)  # fmt: skip
+    report.notes += notes
+    report.files += [save_png(figure, out_dir) for figure in figures]
+    report.files += plots_html(figures, study.study_name, out_dir)
     report.summary = _summary(study, trials, settings, best, importances, store, report)
     (out_dir / "summary.json").write_text(json.dumps(report.summary, indent=2))
     (out_dir / "summary.md").write_text(_summary_markdown(report.summary))
@@ -154,12 +87,6 @@ def write_report(study: optuna.Study, out_dir: Path, *, store: str) -> Report:
 
 
 # --------------------------------------------------------------------------------- the numbers
-
-
-def _evaluator() -> optuna.importance.PedAnovaImportanceEvaluator:
-    # Optuna 5's default and the dashboard's: deterministic, and needs no scikit-learn (fANOVA
-    # would).
-    return optuna.importance.PedAnovaImportanceEvaluator()
 
 
 def _importances(
@@ -172,8 +99,8 @@ def _importances(
         )
         return None
     try:
-        with _quiet_plotting():
-            values = optuna.importance.get_param_importances(study, evaluator=_evaluator())
+        with quiet_plotting():
+            values = optuna.importance.get_param_importances(study, evaluator=evaluator())
     except (ValueError, RuntimeError) as error:  # e.g. no parameter varies among the trials
         report.notes.append(f"importances.png: not computed ({error})")
         return None
@@ -192,163 +119,6 @@ def _plotted_params(
     for trial in complete:
         names += [name for name in trial.params if name not in names]
     return names[:MAX_PLOTTED_PARAMS]
-
-
-# ------------------------------------------------------------------------------------ the plots
-
-
-def _figure_of(axes: Any) -> Any:
-    first = axes.flat[0] if hasattr(axes, "flat") else axes
-    return first.figure
-
-
-class _quiet_plotting(warnings.catch_warnings):
-    """Optuna flags its matplotlib plots as experimental, and matplotlib warns when a plotted
-    parameter has one value among the trials (it widens the axis itself). Neither is news to
-    whoever reads the report."""
-
-    def __enter__(self) -> Any:
-        result = super().__enter__()
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.filterwarnings("ignore", message="Attempting to set identical")
-        return result
-
-
-def _with_values(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    return [t for t in trials if t.intermediate_values]
-
-
-def _plot_intermediate_values_mpl(
-    trials: Sequence[FrozenTrial], objective: str, best: FrozenTrial | None
-) -> Any:
-    """One line per trial over the epochs, styled by state, the best trial drawn on top."""
-    import matplotlib.pyplot as plt
-
-    _, axes = plt.subplots()
-    labelled: set[TrialState] = set()
-    for trial in _with_values(trials):
-        style = dict(STATE_STYLE.get(trial.state, STATE_STYLE[TrialState.RUNNING]))
-        label = style.pop("label")
-        steps = sorted(trial.intermediate_values)
-        values = [trial.intermediate_values[step] for step in steps]
-        count = sum(1 for t in _with_values(trials) if t.state == trial.state)
-        axes.plot(
-            steps,
-            values,
-            alpha=0.8,
-            linewidth=1.2,
-            markersize=4,
-            label=f"{label} ({count})" if trial.state not in labelled else None,
-            **style,
-        )
-        labelled.add(trial.state)
-    if best is not None and best.intermediate_values:
-        steps = sorted(best.intermediate_values)
-        axes.plot(
-            steps,
-            [best.intermediate_values[s] for s in steps],
-            color="#2ca02c",
-            linewidth=2.5,
-            marker="o",
-            label=f"best (trial {best.number})",
-        )
-    if not labelled:
-        axes.text(0.5, 0.5, "no trial reported a value yet", ha="center", transform=axes.transAxes)
-    from matplotlib.ticker import MaxNLocator
-
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("epoch")
-    axes.set_ylabel(objective)
-    axes.set_title("Intermediate values per epoch (pruned trials stop early)")
-    axes.grid(alpha=0.3)
-    if labelled:
-        axes.legend()
-    return axes
-
-
-def _plot_intermediate_values_plotly(
-    trials: Sequence[FrozenTrial], objective: str, best: FrozenTrial | None
-) -> Any:
-    import plotly.graph_objects as go
-
-    figure = go.Figure()
-    for trial in _with_values(trials):
-        style = STATE_STYLE.get(trial.state, STATE_STYLE[TrialState.RUNNING])
-        steps = sorted(trial.intermediate_values)
-        dash = {"-": "solid", "--": "dash", ":": "dot", "-.": "dashdot"}[style["linestyle"]]
-        figure.add_trace(
-            go.Scatter(
-                x=steps,
-                y=[trial.intermediate_values[s] for s in steps],
-                mode="lines+markers",
-                name=f"trial {trial.number} ({style['label']})",
-                legendgroup=style["label"],
-                line={"color": style["color"], "dash": dash, "width": 3 if trial is best else 1},
-            )
-        )
-    figure.update_layout(
-        title="Intermediate values per epoch (pruned trials stop early)",
-        xaxis_title="epoch",
-        yaxis_title=objective,
-    )
-    return figure
-
-
-def _write_plots_html(
-    study: optuna.Study,
-    trials: Sequence[FrozenTrial],
-    objective: str,
-    best: FrozenTrial | None,
-    importances: dict[str, float] | None,
-    plotted: list[str],
-    report: Report,
-) -> None:
-    """plots.html: the figures as plotly charts (zoom, hover for trial numbers and params)."""
-    import plotly.offline
-    from optuna import visualization as optuna_plotly
-
-    complete = any(t.state == TrialState.COMPLETE for t in trials)
-    figures: list[tuple[str, Callable[[], Any]]] = []
-    if complete:
-        figures.append(
-            ("Optimisation history", lambda: optuna_plotly.plot_optimization_history(study))
-        )
-    figures.append(
-        ("Intermediate values", lambda: _plot_intermediate_values_plotly(trials, objective, best))
-    )
-    if importances is not None:
-        figures.append(
-            (
-                "Parameter importances",
-                lambda: optuna_plotly.plot_param_importances(study, evaluator=_evaluator()),
-            )
-        )
-    if complete and plotted:
-        figures.append(
-            (
-                "Parallel coordinates",
-                lambda: optuna_plotly.plot_parallel_coordinate(study, params=plotted),
-            )
-        )
-        figures.append(("Slices", lambda: optuna_plotly.plot_slice(study, params=plotted)))
-    parts = []
-    for title, make in figures:
-        with _quiet_plotting():
-            figure = make()
-        parts.append(
-            f"<h2>{title}</h2>\n" + figure.to_html(full_html=False, include_plotlyjs=False)
-        )
-    name = study.study_name
-    page = (
-        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{name}: plots</title>\n"
-        "<script src='plotly.min.js'></script></head>\n"
-        f"<body style='font-family: sans-serif'><h1>Study {name}</h1>\n"
-        + "\n".join(parts)
-        + "\n</body></html>\n"
-    )
-    (report.out_dir / "plotly.min.js").write_text(plotly.offline.get_plotlyjs())
-    (report.out_dir / "plots.html").write_text(page)
-    report.files += [report.out_dir / "plots.html", report.out_dir / "plotly.min.js"]
 
 
 # ---------------------------------------------------------------------------------- the summary
@@ -389,17 +159,13 @@ def _summary(
             "number": best.number,
             "value": best.value,
             "params": best.params,
-            "metrics": best.user_attrs.get("metrics"),
+            "metrics": best.user_attrs.get(ATTR_METRICS),
             # hpo run keeps the final checkpoints of the best few complete trials only
             "checkpoint": best.user_attrs.get(ATTR_CHECKPOINT),
             "checkpoint_on_disk": _on_disk(best.user_attrs.get(ATTR_CHECKPOINT)),
         },
         "importances": importances,
-        "failures": [
-            {"number": t.number, "reason": t.user_attrs.get(ATTR_FAIL_REASON, "no reason stored")}
-            for t in trials
-            if t.state == TrialState.FAIL
-        ],
+        "failures": failures(trials),
         "files": [p.name for p in report.files],
         "notes": list(report.notes),
     }

@@ -1,10 +1,12 @@
-"""One worker process of `hpo run`: `run_forked` in a process forked from the launcher's fork
-server, or `python -m hpo._worker SPEC_JSON` as a fresh interpreter (HPO_WORKER_START=exec).
+"""A worker process of `hpo run`: its spec, signals, heartbeat, parent watch and entry points.
+
+`run_forked` runs in a process forked from the launcher's fork server, `python -m hpo._worker
+SPEC_JSON` as a fresh interpreter (HPO_WORKER_START=exec); both run `hpo._worker_loop`.
 
 The launcher gives it the store URL in $HPO_STORAGE (never on the command line, where `ps` would
 show a password), its GPU in CUDA_VISIBLE_DEVICES and its thread count in OMP_NUM_THREADS. It
-opens its own store connection and loops: claim a trial within the budget, train it, record the
-outcome, until the budget is used up.
+opens its own store connection, reads what the study runs from the store, and loops: claim a
+trial within the budget, train it, record the outcome, until the budget is used up.
 
 Signals: SIGINT/SIGTERM during training end the trial at once (FAIL, re-queued with the same
 parameters), outside training they stop the loop after the current store write. A worker whose
@@ -29,18 +31,17 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
+
+from hpo._processes import process_alive
+from storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, RECONNECT_S
 
 EXIT_DONE = 0
 EXIT_ERROR = 1
@@ -50,35 +51,30 @@ MAX_CONSECUTIVE_ERRORS = 5  # unexpected (non-numerical) trial errors in a row b
 # A trial saves its training state (for a retry to resume) once this many seconds of training have
 # passed since its last save, and after its last epoch (`hpo run --checkpoint-every`).
 CHECKPOINT_EVERY_S = 30.0
+KEEP_CHECKPOINTS = 3  # final checkpoints of the best COMPLETE trials kept on disk
 
 _logger = logging.getLogger("hpo.worker")
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs besides the store URL; travels as one JSON argument."""
+    """What a worker needs besides the store URL and what the study holds (its settings, its
+    specification and its budget, read from the store): this process's own part, which travels as
+    one JSON argument."""
 
     study: str
-    budget: int  # the study's total of finished trials
-    preset: str
-    epochs: int
-    objective: str
-    pruner: str
-    sampler: str
     sampler_seed: int | None
-    space: dict[str, Any]  # SearchSpace.to_dict()
     device: str  # "cpu" or "cuda" (the one GPU in CUDA_VISIBLE_DEVICES)
     threads: int  # torch intra-op threads
     index: int  # worker slot, for logs
     parent_pid: int  # the launcher; the worker stops when it is gone
     max_trials: int = 50  # trials before the process is recycled (a new fork: ~1 s)
     checkpoint_dir: str | None = None  # absolute; shared by every node of the study
-    keep_checkpoints: int = 3  # final checkpoints of the best COMPLETE trials kept on disk
+    keep_checkpoints: int = KEEP_CHECKPOINTS
     checkpoint_every_s: float = CHECKPOINT_EVERY_S  # 0: after every epoch
-    heartbeat_interval_s: int = 20  # storage.HEARTBEAT_INTERVAL_S
-    grace_period_s: int = 300  # storage.GRACE_PERIOD_S
-    reconnect_s: float = 300.0  # storage.RECONNECT_S: how long a lost store is waited for
-    reduction_factor: int = 3  # eta of hyperband and asha (hpo._study.REDUCTION_FACTOR)
+    heartbeat_interval_s: int = HEARTBEAT_INTERVAL_S  # seconds between a trial's heartbeats
+    grace_period_s: int = GRACE_PERIOD_S  # seconds without one before a trial is stale
+    reconnect_s: float = RECONNECT_S  # how long a lost store is waited for
     deadline: float | None = None  # Unix time (`hpo run --timeout`) after which no trial starts
 
     def to_json(self) -> str:
@@ -97,7 +93,7 @@ class WorkerInterrupted(BaseException):
         self.signum = signum
 
 
-class _Signals:
+class Signals:
     """First SIGINT/SIGTERM wins. While `armed` (training) it interrupts at once; otherwise it
     only sets `received`, which the loop checks at safe points (no half-written store rows)."""
 
@@ -139,7 +135,7 @@ class _Signals:
             raise WorkerInterrupted(self.received)
 
 
-class _Heartbeat:
+class Heartbeat:
     """Records the trial's heartbeat every `interval_s` from a daemon thread."""
 
     def __init__(self, storage: Any, trial_id: int, interval_s: float) -> None:
@@ -177,17 +173,6 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process `pid` exists (alive, or a zombie not yet reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def run_forked(spec_json: str, env: dict[str, str], log_path: str) -> None:
     """Entry point in a process forked from the fork server: become what `python -m hpo._worker`
     would be (own session, the launcher's environment, output to the log), then run `main`."""
@@ -211,7 +196,7 @@ def run_forked(spec_json: str, env: dict[str, str], log_path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = WorkerSpec.from_json(args[0])
-    signals = _Signals()
+    signals = Signals()
     signals.install()
     logging.basicConfig(
         level=logging.INFO,
@@ -220,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     _watch_parent(spec.parent_pid)
     try:
-        return _Worker(spec, signals).loop()
+        from hpo._worker_loop import WorkerLoop
+
+        return WorkerLoop(spec, signals).loop()
     except WorkerInterrupted:
         return EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001  (logged with its traceback; the exit code tells the launcher)
@@ -228,260 +215,6 @@ def main(argv: list[str] | None = None) -> int:
 
         _logger.error("worker failed:\n%s", redact(traceback.format_exc()))
         return EXIT_ERROR
-
-
-class _Worker:
-    def __init__(self, spec: WorkerSpec, signals: _Signals) -> None:
-        # Heavy imports here, after the signal handlers are in place.
-        import optuna
-        import torch
-
-        from hpo._search_space import SearchSpace
-        from hpo._study import RequeueStaleTrial, make_pruner, make_sampler, pruning_steps
-        from pipeline import preset, replace, resolve_device
-        from storage import Reconnect, open_storage, resolve_url
-
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        torch.set_num_threads(spec.threads)
-        self.spec = spec
-        self.signals = signals
-        self.location = resolve_url(None)  # $HPO_STORAGE, set by the launcher
-        self.retry = Reconnect(self.location, deadline_s=spec.reconnect_s)
-        self.storage = open_storage(
-            self.location,
-            stale_trial_callback=RequeueStaleTrial(),
-            heartbeat_interval_s=spec.heartbeat_interval_s,
-            grace_period_s=spec.grace_period_s,
-            patience_s=spec.reconnect_s,  # started while the server restarts: wait for it
-        )
-        self.heartbeat_s = spec.heartbeat_interval_s
-        self.study = self.retry(
-            lambda: optuna.load_study(
-                study_name=spec.study,
-                storage=self.storage,
-                sampler=make_sampler(spec.sampler, spec.sampler_seed),
-                pruner=make_pruner(spec.pruner, spec.epochs, spec.reduction_factor),
-            ),
-            "loading the study",
-        )
-        # Read the study's trials once, outside the store lock: Optuna keeps the finished ones,
-        # so each claim's read under the lock fetches only what changed since. In a study of
-        # 10,000 trials that first read took 17 CPU-s; made under the lock by 16 new workers at
-        # once, it kept claims waiting past the lock's timeout (bench/load.py, BENCHMARKS.md).
-        self.retry(lambda: self.study.get_trials(deepcopy=False), "reading the study")
-        # The epochs after which the pruner can stop a trial: it is asked there only.
-        self.prune_steps = pruning_steps(spec.pruner, spec.epochs, spec.reduction_factor)
-        self.base = replace(preset(spec.preset), epochs=spec.epochs)
-        self.space = SearchSpace.from_dict(spec.space)
-        self.device = resolve_device(spec.device)
-        self.device_info: dict[str, Any] = {"device": str(self.device), "threads": spec.threads}
-        if self.device.type == "cuda":
-            self.device_info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-            self.device_info["gpu_name"] = torch.cuda.get_device_name(self.device)
-
-    def loop(self) -> int:
-        from hpo._study import claim_trial, deadline_passed
-
-        n_trials = 0
-        n_errors = 0
-        deadline = self.spec.deadline
-        while True:
-            if self.signals.received is not None:
-                return EXIT_INTERRUPTED
-            if n_trials >= self.spec.max_trials:
-                _logger.info("recycling after %d trials", n_trials)
-                return EXIT_RECYCLE
-            trial = self.retry(
-                lambda: claim_trial(self.study, self.spec.budget, deadline), "claiming a trial"
-            )
-            if trial is None:
-                if deadline_passed(deadline):
-                    _logger.info("time limit of hpo run (%s) reached; exiting",
-                                 datetime.fromtimestamp(deadline, UTC).isoformat())
-                else:
-                    _logger.info("budget of %d trials used up; exiting", self.spec.budget)
-                return EXIT_DONE
-            n_trials += 1
-            unexpected = self._run(trial)
-            n_errors = n_errors + 1 if unexpected else 0
-            if n_errors >= MAX_CONSECUTIVE_ERRORS:
-                _logger.error("%d unexpected trial errors in a row; giving up", n_errors)
-                return EXIT_ERROR
-
-    def _checkpoint_dir(self, trial: Any) -> Path | None:
-        from hpo._study import chain_root, checkpoint_dir_for
-
-        if self.spec.checkpoint_dir is None:
-            return None
-        return checkpoint_dir_for(
-            Path(self.spec.checkpoint_dir), self.spec.study, chain_root(trial)
-        )
-
-    def _set_attrs(self, trial: Any, attrs: dict[str, Any], what: str) -> None:
-        from hpo._study import set_user_attrs
-
-        self.retry(lambda: set_user_attrs(trial, attrs), f"{what} of trial {trial.number}")
-
-    def _run(self, trial: Any) -> bool:
-        """Run one claimed trial to its recorded end. True if it failed unexpectedly."""
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
-
-        from hpo._objective import run_trial
-        from hpo._search_space import suggest_config
-        from hpo._study import (
-            ATTR_CHECKPOINT,
-            ATTR_FAIL_REASON,
-            ATTR_RESUMED_FROM,
-            ATTR_RETRY_COUNT,
-            ETA_PRUNERS,
-            fail_trial,
-        )
-        from hpo._trial_writes import batched_params
-        from pipeline import config_to_dict
-        from storage import StorageError
-
-        started = time.time()
-        heartbeat = _Heartbeat(self.storage, trial._trial_id, self.heartbeat_s)
-        checkpoint_dir = self._checkpoint_dir(trial)
-        try:
-            def suggest() -> Any:
-                with batched_params(trial):  # one transaction for all the parameters
-                    return suggest_config(trial, self.space, self.base)
-
-            config = self.retry(suggest, "suggesting parameters")
-            attrs: dict[str, Any] = {
-                "config": config_to_dict(config),
-                "seed": config.seed,
-                "worker_index": self.spec.index,
-                "started_unix": started,
-                "pruner": self.spec.pruner,  # what judged this trial (a resumed study may differ)
-                **({"reduction_factor": self.spec.reduction_factor}
-                   if self.spec.pruner in ETA_PRUNERS else {}),
-                **self.device_info,
-            }
-            if ATTR_RETRY_COUNT not in trial.user_attrs:
-                attrs[ATTR_RETRY_COUNT] = 0
-            if checkpoint_dir is not None:
-                attrs["checkpoint_dir"] = str(checkpoint_dir)
-            self._set_attrs(trial, attrs, "recording the start")
-            _logger.info("trial %d: %s", trial.number, trial.params)
-            with self.signals.armed():
-                run = run_trial(
-                    trial,
-                    config,
-                    device=self.device,
-                    objective=self.spec.objective,
-                    guard=self.signals.held,
-                    checkpoint_dir=checkpoint_dir,
-                    store=self.retry,
-                    on_resume=lambda epoch: self._set_attrs(
-                        trial, {ATTR_RESUMED_FROM: epoch}, "recording the resume"
-                    ),
-                    checkpoint_every_s=self.spec.checkpoint_every_s,
-                    prune_steps=self.prune_steps,
-                )
-        except WorkerInterrupted as e:
-            heartbeat.stop()
-            reason = f"interrupted by {e} (worker pid {os.getpid()}); re-queued"
-            self.retry(
-                lambda: fail_trial(self.study, trial._trial_id, reason, requeue=True),
-                f"re-queueing trial {trial.number}",
-            )
-            _logger.info("trial %d: %s", trial.number, reason)
-            raise
-        except UpdateFinishedTrialError:
-            heartbeat.stop()
-            # Declared stale (no heartbeat for the grace period) and failed by another process,
-            # which queued its retry: stop working on it.
-            _logger.warning("trial %d was finished by another process; dropping it", trial.number)
-            return False
-        except StorageError as e:
-            heartbeat.stop()
-            # The store stayed away past reconnect_s: the trial is left to its heartbeat.
-            _logger.error("trial %d: %s", trial.number, e)
-            raise
-        except Exception as e:  # noqa: BLE001  (recorded as the trial's failure reason)
-            heartbeat.stop()
-            _logger.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
-            first = (str(e).strip().splitlines() or [""])[0]
-            failed = {
-                ATTR_FAIL_REASON: f"{type(e).__name__}: {first}",
-                "wall_time_s": time.time() - started,
-            }
-            self._finish(trial, TrialState.FAIL, None, failed)
-            return True
-        heartbeat.stop()
-        attrs = {
-            "wall_time_s": time.time() - started,
-            "train_time_s": run.train_seconds,
-            # Of train_time_s: the service's per-epoch reports and checkpoint writes (wall s),
-            # and this worker's CPU seconds training, without that service share.
-            "service_time_s": run.service_seconds,
-            "train_cpu_s": run.cpu_seconds - run.service_cpu_seconds,
-        }
-        if run.history:
-            attrs["metrics"] = run.history[-1]
-        if run.state == TrialState.COMPLETE and run.checkpoint is not None:
-            attrs[ATTR_CHECKPOINT] = str(run.checkpoint)
-        elif run.state == TrialState.PRUNED:
-            attrs["pruned_reason"] = run.reason
-        elif run.state == TrialState.FAIL:
-            attrs[ATTR_FAIL_REASON] = run.reason
-        recorded = self._finish(trial, run.state, run.value, attrs)
-        if recorded:
-            _logger.info(
-                "trial %d: %s%s%s in %.1f s",
-                trial.number,
-                run.state.name,
-                f" value {run.value:.5g}" if run.value is not None else f" ({run.reason})",
-                f", resumed after epoch {run.resumed_from_epoch}"
-                if run.resumed_from_epoch
-                else "",
-                time.time() - started,
-            )
-        if recorded and run.state != TrialState.COMPLETE and checkpoint_dir is not None:
-            # A pruned or failed trial ends its chain (only an interrupted or stale one is
-            # re-queued, and not here): its directory goes, and the ranking the other
-            # directories are kept by has not changed, so there is nothing else to prune.
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        else:
-            self._prune_checkpoints(checkpoint_dir)
-        return False
-
-    def _finish(self, trial: Any, state: Any, value: float | None, attrs: dict[str, Any]) -> bool:
-        """Record the outcome (attributes, then the state); False if another process finished
-        the trial first (it went stale and was re-queued)."""
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
-
-        from hpo._study import set_user_attrs
-
-        def tell() -> bool:
-            if self.storage.get_trial(trial._trial_id).state.is_finished():
-                return False  # a retry after a commit whose answer was lost, or a stale trial
-            set_user_attrs(trial, attrs)
-            if state == TrialState.COMPLETE:
-                self.study.tell(trial, value)
-            else:
-                self.study.tell(trial, state=state)
-            return True
-
-        try:
-            return self.retry(tell, f"recording the end of trial {trial.number}")
-        except UpdateFinishedTrialError:
-            _logger.warning("trial %d was already finished by another process", trial.number)
-            return False
-
-    def _prune_checkpoints(self, checkpoint_dir: Path | None) -> None:
-        from hpo._study import prune_checkpoints_or_warn
-
-        if checkpoint_dir is None or self.spec.checkpoint_dir is None:
-            return
-        prune_checkpoints_or_warn(self.study, self.spec.checkpoint_dir,
-                                  keep=self.spec.keep_checkpoints, retry=self.retry,
-                                  warn=_logger.warning)
 
 
 if __name__ == "__main__":

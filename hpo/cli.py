@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from hpo import _cmd_dashboard, _cmd_evaluate, _cmd_report, _cmd_study, _cmd_train  # noqa: F401  (importing registers the commands)
+from hpo import (  # noqa: F401  (importing registers the commands)
+    _cmd_dashboard,
+    _cmd_evaluate,
+    _cmd_report,
+    _cmd_run,
+    _cmd_status,
+    _cmd_train,
+)
 from hpo._app import app
 
 

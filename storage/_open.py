@@ -29,6 +29,7 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
+from storage._defaults import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
 from storage._errors import (
     StorageAuthError,
     StorageError,
@@ -46,8 +47,6 @@ SQLITE_BUSY_TIMEOUT_S = 60.0  # a writer waits this long for the lock before "da
 PG_CONNECT_TIMEOUT_S = 5  # per connection attempt
 PG_POOL_SIZE = 3  # per process: the main session, the heartbeat thread, the claim lock
 PG_MAX_OVERFLOW = 2
-HEARTBEAT_INTERVAL_S = 20  # a running trial records a heartbeat this often
-GRACE_PERIOD_S = 300  # ...and is declared stale (failed, re-queued) after this long without one
 CONNECT_RETRIES = 3  # attempts at an unreachable server before giving up
 CONNECT_BACKOFF_S = 0.5  # first pause between attempts; doubles each time
 

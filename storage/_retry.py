@@ -22,12 +22,12 @@ from typing import TypeVar
 
 import sqlalchemy.exc
 
+from storage._defaults import RECONNECT_S
 from storage._errors import StorageError, StorageUnreachableError
 from storage._url import StoreLocation
 
 _logger = logging.getLogger(__name__)
 
-RECONNECT_S = 300.0  # how long an operation keeps retrying a lost store before giving up
 FIRST_PAUSE_S = 0.25
 MAX_PAUSE_S = 8.0
 

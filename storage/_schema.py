@@ -19,9 +19,9 @@ from typing import Any
 
 import sqlalchemy
 import sqlalchemy.exc
-from optuna.storages._rdb import models
 
 from storage._lock import LOCK_TIMEOUT_S, SCHEMA_NAMESPACE, advisory_lock, file_lock
+from storage._optuna import MODELS as models
 from storage._url import StoreLocation
 
 _ALEMBIC_TABLE = "alembic_version"

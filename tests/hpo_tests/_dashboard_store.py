@@ -10,6 +10,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from storage import study_id, trial_id
+
 
 @dataclass(frozen=True)
 class EditStudy:
@@ -43,10 +45,10 @@ def edit_study(url: str) -> EditStudy:
     return EditStudy(
         url=url,
         name=name,
-        study_id=study._study_id,
-        running_trial_id=running._trial_id,
+        study_id=study_id(study),
+        running_trial_id=trial_id(running),
         running_trial_number=running.number,
-        finished_trial_id=finished._trial_id,
+        finished_trial_id=trial_id(finished),
         finished_trial_number=finished.number,
     )
 
@@ -61,7 +63,7 @@ def snapshot(url: str) -> dict[str, Any]:
             study.study_name: {
                 "directions": study.directions,
                 "user_attrs": study.user_attrs,
-                "system_attrs": storage.get_study_system_attrs(study._study_id),
+                "system_attrs": storage.get_study_system_attrs(study_id(study)),
                 "trials": [
                     (
                         trial.number,
@@ -72,7 +74,7 @@ def snapshot(url: str) -> dict[str, Any]:
                         trial.system_attrs,
                         trial.intermediate_values,
                     )
-                    for trial in storage.get_all_trials(study._study_id)
+                    for trial in storage.get_all_trials(study_id(study))
                 ],
             }
             for study in storage.get_all_studies()

@@ -15,7 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo._study import CLAIM_STEPS, StudySettings, count_trials, create_or_load_study
+from hpo._budget import CLAIM_STEPS, count_trials
+from hpo._studies import StudySettings, create_or_load_study
 from hpo.testing import environment
 from storage import open_storage
 from storage.testing import PrivateCluster
@@ -35,8 +36,8 @@ _NODE = textwrap.dedent(
     import optuna
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
-    from hpo._study import claim_trial
-    from storage import Reconnect, open_storage
+    from hpo._budget import claim_trial
+    from storage import Reconnect, open_storage, trial_id
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     url, name, budget, train_s = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -55,16 +56,16 @@ _NODE = textwrap.dedent(
 
     done, dropped = [], []
     while True:
-        trial = retry(lambda: claim_trial(study, budget, on_step=on_step), "claiming a trial")
+        trial = retry(lambda: claim_trial(study, on_step=on_step), "claiming a trial")
         if trial is None:
             break
         time.sleep(train_s)
         try:
             retry(lambda: storage.set_trial_state_values(
-                trial._trial_id, TrialState.COMPLETE, [float(trial.number)]), "completing")
+                trial_id(trial), TrialState.COMPLETE, [float(trial.number)]), "completing")
         except UpdateFinishedTrialError:
             pass  # an attempt that committed before its connection died, or a voided claim
-        if storage.get_trial(trial._trial_id).state == TrialState.COMPLETE:
+        if storage.get_trial(trial_id(trial)).state == TrialState.COMPLETE:
             done.append(trial.number)
         else:
             dropped.append(trial.number)

@@ -9,7 +9,8 @@ import json
 import optuna
 import pytest
 
-from hpo._study import StudySettings, claim_trial, create_or_load_study
+from hpo._budget import claim_trial
+from hpo._studies import StudySettings, create_or_load_study
 from hpo.testing import assert_one_line_error as _one_line_error
 from hpo.testing import invoke
 from storage import open_storage
@@ -32,10 +33,13 @@ SMOKE_RUN = ("run", "--trials", "3", "--preset", "smoke", "--quiet")
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
-        (("--trials", "0"), "--trials must be >= 1, but got 0"),
-        (("--epochs", "0"), "--epochs must be >= 1"),
-        (("--pruner", "patient"), "--pruner must be one of hyperband, asha, median, none"),
-        (("--reduction-factor", "1"), "--reduction-factor must be at least 2, but got 1"),
+        (("--trials", "0"), "'--trials': Input should be greater than or equal to 1, but got 0"),
+        (("--trials", "x"), "'--trials': Input should be a valid integer"),
+        (("--epochs", "0"), "'--epochs': Input should be greater than or equal to 1"),
+        (("--pruner", "patient"),
+         "'--pruner': 'patient' is not one of 'hyperband', 'asha', 'median', 'none'"),
+        (("--reduction-factor", "1"),
+         "'--reduction-factor': Input should be greater than or equal to 2, but got 1"),
         (("--pruner", "median", "--reduction-factor", "4"),
          "--reduction-factor is for --pruner hyperband or asha, not median"),
         (("--timeout", "0"), "--timeout must be a number of seconds > 0, but got 0"),
@@ -44,12 +48,13 @@ SMOKE_RUN = ("run", "--trials", "3", "--preset", "smoke", "--quiet")
         (("--timeout", "inf"), "--timeout must be a number of seconds > 0, but got inf"),
         (("--checkpoint-every", "-1"), "--checkpoint-every must be >= 0 seconds, but got -1"),
         (("--checkpoint-every", "nan"), "--checkpoint-every must be >= 0 seconds, but got nan"),
-        (("--sampler", "grid"), "--sampler must be one of tpe, random"),
-        (("--objective", "loss"), "--objective must be one of composite, nmse"),
-        (("--preset", "huge"), "unknown preset 'huge'"),
+        (("--sampler", "grid"), "'--sampler': 'grid' is not one of 'tpe', 'random'"),
+        (("--objective", "loss"), "'--objective': 'loss' is not one of 'composite', 'nmse'"),
+        (("--preset", "huge"), "'huge' is not one of 'smoke', 'quick', 'medium', 'full'"),
         (("--gpus", "99"), "--gpus"),
-        (("--workers", "0"), "--workers must be >= 1"),
-        (("--device", "tpu"), "--device must be auto, cpu or cuda"),
+        (("--workers", "0"), "'--workers': Input should be greater than or equal to 1"),
+        (("--device", "tpu"), "'--device': 'tpu' is not one of 'auto', 'cpu', 'cuda'"),
+        (("--no-such-option",), "No such option: --no-such-option"),
         (("--storage", f"postgresql//u:{SECRET}@h/db"), "is not a URL"),
         (("--storage", f"mysql://u:{SECRET}@h/db"), "'mysql' is not supported"),
         (("--storage", "sqlite:///no/such/dir/hpo.db"), "directory"),
@@ -152,7 +157,7 @@ def test_status_shows_a_trial_being_claimed_apart_from_the_running_ones(sqlite_f
     storage = open_storage(f"sqlite:///{sqlite_file}")
     settings = StudySettings(preset="smoke", objective="nmse", direction="minimize", epochs=2)
     study = create_or_load_study(storage, "only", settings, budget=3)
-    claimed = claim_trial(study, 3)
+    claimed = claim_trial(study)
     half = study.ask()  # created, not yet tagged
     result = invoke("status", "--json")
     assert result.exit_code == 0, result.output

@@ -29,6 +29,7 @@ from hpo._dashboard import (
     flatten_attrs,
 )
 from hpo.testing import assert_one_line_error, invoke
+from storage import trial_id
 from tests.hpo_tests._dashboard_store import EditStudy, edit_study, snapshot
 
 
@@ -71,7 +72,7 @@ def test_readable_view_reshapes_reads_and_leaves_the_store_alone(tmp_path):
 
     (seen,) = view.get_all_trials(study_id)
     assert seen.user_attrs == {"config.lr": 0.01, "config.seed": 0}
-    assert view.get_trial(seen._trial_id).user_attrs == seen.user_attrs
+    assert view.get_trial(trial_id(seen)).user_attrs == seen.user_attrs
     assert view.get_all_studies()[0].user_attrs == {
         "hpo_settings.preset": "smoke",
         "hpo_settings.epochs": 2,
@@ -286,7 +287,7 @@ def test_allow_edit_lets_the_page_change_the_store(store_url):
         tell = f"/api/trials/{made.running_trial_id}/tell"
         assert request(base, "POST", tell, {"state": "Fail"})[0] == 204
         study = optuna.load_study(study_name=made.name, storage=store_url)
-        trials = {t._trial_id: t for t in study.get_trials()}
+        trials = {trial_id(t): t for t in study.get_trials()}
         assert trials[made.running_trial_id].state == TrialState.FAIL
         assert trials[made.running_trial_id].user_attrs["edited"] == "yes"
         notes = inner.get_study_system_attrs(made.study_id)

@@ -11,8 +11,11 @@ import time
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from hpo._launch import LaunchError, WorkerSlot, format_progress, plan_slots, start_method
-from hpo._study import StudyCounts
+from hpo._budget import StudyCounts
+from hpo._errors import LaunchError
+from hpo._layout import WorkerSlot, plan_slots
+from hpo._processes import start_method
+from hpo._progress import format_progress
 
 
 def plan(**kwargs):
@@ -108,7 +111,7 @@ def test_the_fork_servers_imports_start_no_thread_and_leave_cuda_alone():
     # if those imports started no thread and initialised no CUDA context.
     code = (
         "import importlib, sys, threading\n"
-        "from hpo._launch import FORKSERVER_PRELOAD\n"
+        "from hpo._processes import FORKSERVER_PRELOAD\n"
         "for name in FORKSERVER_PRELOAD: importlib.import_module(name)\n"
         "import torch\n"
         "print(threading.active_count(), torch.cuda.is_initialized(), 'torch' in sys.modules)\n"
@@ -129,19 +132,19 @@ def test_hpo_worker_start_chooses_how_workers_start(monkeypatch):
 
 
 def test_a_worker_is_recognised_by_its_process_however_it_started():
-    # _worker_alive decides whether a RUNNING trial's worker (by the pid it recorded) still
+    # worker_alive decides whether a RUNNING trial's worker (by the pid it recorded) still
     # runs: a forked worker and a fresh-interpreter one are workers; a dead pid, or a pid taken
     # by some other program, is not.
-    from hpo._launch import _forkserver_context, _worker_alive
+    from hpo._processes import forkserver_context, worker_alive
 
-    forked = _forkserver_context().Process(target=time.sleep, args=(30,))
+    forked = forkserver_context().Process(target=time.sleep, args=(30,))
     forked.start()
     fresh = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "hpo._worker"])
     other = subprocess.Popen(["sleep", "30"])
     try:
-        assert _worker_alive(forked.pid)
-        assert _worker_alive(fresh.pid)
-        assert not _worker_alive(other.pid)
+        assert worker_alive(forked.pid)
+        assert worker_alive(fresh.pid)
+        assert not worker_alive(other.pid)
     finally:
         forked.kill()
         fresh.kill()
@@ -149,7 +152,7 @@ def test_a_worker_is_recognised_by_its_process_however_it_started():
     forked.join()
     fresh.wait()
     other.wait()
-    assert not _worker_alive(fresh.pid)
+    assert not worker_alive(fresh.pid)
 
 
 def test_workers_start_as_fresh_interpreters_when_the_fork_server_fails(tmp_path, monkeypatch):
@@ -159,10 +162,11 @@ def test_workers_start_as_fresh_interpreters_when_the_fork_server_fails(tmp_path
     from multiprocessing import forkserver
 
     import hpo._launch as launch
+    import hpo._processes as processes
     from hpo._search_space import default_space
-    from hpo._study import StudySettings, create_or_load_study
+    from hpo._studies import StudySettings, StudySpec, create_or_load_study
     from hpo._worker import WorkerSpec
-    from pipeline import preset
+    from pipeline import config_to_dict, preset
     from storage import open_storage, resolve_url
 
     def no_server() -> None:
@@ -170,9 +174,9 @@ def test_workers_start_as_fresh_interpreters_when_the_fork_server_fails(tmp_path
 
     monkeypatch.setattr(forkserver, "ensure_running", no_server)
     warnings: list[str] = []
-    assert launch.warm_up("forkserver", warn=warnings.append) == "exec"
+    assert processes.warm_up("forkserver", warn=warnings.append) == "exec"
     assert len(warnings) == 1 and "fork server did not start (no socket here)" in warnings[0]
-    assert launch.warm_up("exec", warn=warnings.append) == "exec" and len(warnings) == 1
+    assert processes.warm_up("exec", warn=warnings.append) == "exec" and len(warnings) == 1
 
     class _LostServer:
         def Process(self, **kwargs):
@@ -181,17 +185,18 @@ def test_workers_start_as_fresh_interpreters_when_the_fork_server_fails(tmp_path
         def start(self) -> None:
             raise EOFError("fork server gone")
 
-    monkeypatch.setattr(launch, "_forkserver_context", _LostServer)
+    monkeypatch.setattr(processes, "forkserver_context", _LostServer)
     location = resolve_url(f"sqlite:///{tmp_path / 'hpo.db'}")
     base = preset("smoke")
     settings = StudySettings(preset="smoke", objective="composite", direction="minimize",
                              epochs=base.epochs)  # fmt: skip
-    space = default_space(base).to_dict()
-    study = create_or_load_study(open_storage(location), "lost", settings, budget=1, space=space)
-    spec = WorkerSpec(study="lost", budget=1, preset="smoke", epochs=base.epochs,
-                      objective="composite", pruner="none", sampler="random", sampler_seed=0,
-                      space=space, device="cpu", threads=1, index=0, parent_pid=os.getpid(),
-                      heartbeat_interval_s=2, grace_period_s=10, reconnect_s=10.0)  # fmt: skip
+    plan_of_study = StudySpec(config=config_to_dict(base), space=default_space(base).to_dict(),
+                              pruner="none", reduction_factor=3, sampler="random")
+    study = create_or_load_study(open_storage(location), "lost", settings, budget=1,
+                                 spec=plan_of_study)  # fmt: skip
+    spec = WorkerSpec(study="lost", sampler_seed=0, device="cpu", threads=1, index=0,
+                      parent_pid=os.getpid(), heartbeat_interval_s=2, grace_period_s=10,
+                      reconnect_s=10.0)  # fmt: skip
     out = io.StringIO()
     slot = plan(device="cpu", workers=1, threads=1)[0]
     launcher = launch.Launcher(location=location, study=study, spec=spec, slots=[slot],
@@ -203,46 +208,30 @@ def test_workers_start_as_fresh_interpreters_when_the_fork_server_fails(tmp_path
     assert launcher.start_method == "exec"
 
 
-def test_worker_spec_defaults_are_the_constants_they_name():
-    # _worker.py keeps literal defaults so that importing it stays free of optuna and storage;
-    # each must still be the value of the constant it stands for.
-    import dataclasses
-
-    import storage
-    from hpo._study import REDUCTION_FACTOR
-    from hpo._worker import WorkerSpec
-
-    defaults = {f.name: f.default for f in dataclasses.fields(WorkerSpec)}
-    assert defaults["reduction_factor"] == REDUCTION_FACTOR
-    assert defaults["heartbeat_interval_s"] == storage.HEARTBEAT_INTERVAL_S
-    assert defaults["grace_period_s"] == storage.GRACE_PERIOD_S
-    assert defaults["reconnect_s"] == storage.RECONNECT_S
-
-
 def test_device_cuda_asks_torch_even_where_proc_shows_no_nvidia_driver(monkeypatch):
     # The lent GPU machines run in sandboxes (gVisor) that may have no /proc/driver/nvidia: there
     # `--device cuda` must still find the GPUs torch sees, and `auto` too when /dev shows them.
     import torch
 
-    from hpo import _cmd_study
+    from hpo import _layout
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(_cmd_study, "_nvidia_driver_visible", lambda: False)
-    assert _cmd_study._visible_gpu_count("cuda") == 2
-    assert _cmd_study._visible_gpu_count("auto") == 0  # no driver in sight: torch not asked
-    assert _cmd_study._visible_gpu_count("cpu") == 0
-    monkeypatch.setattr(_cmd_study, "_nvidia_driver_visible", lambda: True)
-    assert _cmd_study._visible_gpu_count("auto") == 2
+    monkeypatch.setattr(_layout, "nvidia_driver_visible", lambda: False)
+    assert _layout.visible_gpu_count("cuda") == 2
+    assert _layout.visible_gpu_count("auto") == 0  # no driver in sight: torch not asked
+    assert _layout.visible_gpu_count("cpu") == 0
+    monkeypatch.setattr(_layout, "nvidia_driver_visible", lambda: True)
+    assert _layout.visible_gpu_count("auto") == 2
 
 
 def test_the_driver_is_seen_in_proc_or_dev(tmp_path):
-    from hpo._cmd_study import _nvidia_driver_visible
+    from hpo._layout import nvidia_driver_visible
 
     (tmp_path / "dev").mkdir()
-    assert not _nvidia_driver_visible(tmp_path)
+    assert not nvidia_driver_visible(tmp_path)
     (tmp_path / "dev" / "nvidia0").touch()  # gVisor's nvproxy: device files, no /proc entry
-    assert _nvidia_driver_visible(tmp_path)
+    assert nvidia_driver_visible(tmp_path)
     (tmp_path / "dev" / "nvidia0").unlink()
     (tmp_path / "proc" / "driver" / "nvidia").mkdir(parents=True)
-    assert _nvidia_driver_visible(tmp_path)
+    assert nvidia_driver_visible(tmp_path)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from hpo._study import count_trials
+from hpo import count_trials
 from hpo.testing import FINISHED, StoreReader, finish, start_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hpo._study import count_trials
+from hpo import count_trials
 from hpo.testing import FINISHED, StoreReader, environment, hpo
 from storage.testing import free_port, fresh_postgres_database
 
@@ -29,7 +29,7 @@ _AT_THE_BARRIER = textwrap.dedent(
     """
     import sys
     import optuna, sqlalchemy, psycopg2
-    import hpo.cli, hpo._study, storage
+    import hpo.cli, hpo._budget, storage
     print("ready", flush=True)
     sys.stdin.readline()
     sys.argv = ["hpo", *sys.argv[1:]]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from hpo._study import count_trials
+from hpo import count_trials
 from hpo.testing import FINISHED, StoreReader, finish, mid_trial, start_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 from PIL import Image
 
-from hpo._report import STATE_STYLE, _plot_intermediate_values_mpl
+from hpo._figures import STATE_STYLE, _intermediate_values_mpl
 from hpo.testing import assert_one_line_error, invoke
 from tests.hpo_tests._results_study import results_study
 
@@ -91,7 +91,7 @@ def test_interactive_page_loads_plotly_from_beside_it(report_dir):
 
 def test_intermediate_values_tell_pruned_from_complete(study):
     trials = study.load().get_trials()
-    axes = _plot_intermediate_values_mpl(trials, "composite", None)
+    axes = _intermediate_values_mpl(trials, "composite", None)
     lines = axes.get_lines()
     with_values = [t for t in trials if t.intermediate_values]
     assert len(lines) == len(with_values)  # one line per trial that reported, nothing else

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo._study import count_trials
+from hpo import count_trials
 from hpo.testing import environment, run_argv
 from storage.testing import DUMMY_PASSWORD
 

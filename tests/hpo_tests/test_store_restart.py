@@ -9,7 +9,7 @@ import secrets
 
 import pytest
 
-from hpo._study import count_trials
+from hpo import count_trials
 from hpo.testing import FINISHED, StoreReader, finish, mid_trial, start_node
 from storage.testing import DUMMY_PASSWORD, PrivateCluster
 

@@ -14,25 +14,19 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo._study import (
-    RequeueStaleTrial,
-    StudyError,
+from hpo._budget import _void, claim_trial, count_trials
+from hpo._checkpoints import checkpoint_dir_for, prune_checkpoints
+from hpo._errors import StudyError
+from hpo._requeue import RequeueStaleTrial, enqueue_retry, fail_trial
+from hpo._strategies import make_pruner
+from hpo._studies import (
     StudySettings,
-    _enqueue_retry,
-    _rdb,
-    _void,
     check_compatible,
-    checkpoint_dir_for,
-    claim_trial,
-    count_trials,
     create_or_load_study,
-    fail_trial,
     load_existing_study,
-    make_pruner,
-    prune_checkpoints,
-    set_user_attrs,
+    store_of,
 )
-from storage import open_storage, store_lock
+from storage import open_storage, set_user_attrs, store_lock, study_id, study_storage, trial_id
 
 SETTINGS = StudySettings(preset="smoke", objective="composite", direction="minimize", epochs=2)
 
@@ -81,20 +75,20 @@ def test_load_existing_study_picks_the_only_one_or_asks(tmp_path):
 def test_interrupted_trials_are_requeued_with_their_params_and_leave_the_budget(store_url):
     storage = open_storage(store_url)
     study = create_or_load_study(storage, unique("requeue"), SETTINGS, budget=3)
-    first = claim_trial(study, 3)
+    first = claim_trial(study)
     x = first.suggest_float("x", 0.0, 1.0)
-    assert fail_trial(study, first._trial_id, "interrupted by SIGINT", requeue=True)
+    assert fail_trial(study, trial_id(first), "interrupted by SIGINT", requeue=True)
     counts = count_trials(study.get_trials(deepcopy=False))
     assert (counts.finished, counts.requeued, counts.waiting, counts.used) == (0, 1, 1, 0)
-    retry = claim_trial(study, 3)
+    retry = claim_trial(study)
     assert retry.suggest_float("x", 0.0, 1.0) == x  # the same parameters again
     assert retry.user_attrs["retry_of"] == first.number
     study.tell(retry, 0.5)
     for _ in range(2):
-        trial = claim_trial(study, 3)
+        trial = claim_trial(study)
         trial.suggest_float("x", 0.0, 1.0)
         study.tell(trial, state=TrialState.FAIL)  # a failure of the trial itself counts
-    assert claim_trial(study, 3) is None
+    assert claim_trial(study) is None
     counts = count_trials(study.get_trials(deepcopy=False))
     assert (counts.complete, counts.failed, counts.requeued, counts.finished) == (1, 2, 1, 3)
     failed = study.get_trials(states=(TrialState.FAIL,))[0]
@@ -107,10 +101,10 @@ def test_stale_trials_are_failed_and_requeued_by_the_next_claim(tmp_path):
         url, stale_trial_callback=RequeueStaleTrial(), heartbeat_interval_s=1, grace_period_s=1
     )
     study = create_or_load_study(storage, "stale", SETTINGS, budget=2)
-    lost = claim_trial(study, 2)  # its worker "vanishes": no more heartbeats
+    lost = claim_trial(study)  # its worker "vanishes": no more heartbeats
     lost.suggest_int("n", 0, 100)
     time.sleep(2.5)
-    retry = claim_trial(study, 2)
+    retry = claim_trial(study)
     assert retry.user_attrs["retry_of"] == lost.number
     assert retry.params == study.get_trials()[lost.number].params
     assert study.get_trials()[lost.number].state == TrialState.FAIL
@@ -121,14 +115,14 @@ def test_stale_trials_are_failed_and_requeued_by_the_next_claim(tmp_path):
 def test_a_voided_claim_counts_nowhere_and_gives_its_retry_back(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'void.db'}")
     study = create_or_load_study(storage, "void", SETTINGS, budget=2)
-    first = claim_trial(study, 2)
+    first = claim_trial(study)
     first.suggest_int("n", 0, 100)
-    assert fail_trial(study, first._trial_id, "interrupted", requeue=True)
-    retry = claim_trial(study, 2)  # takes the queued retry...
-    _void(study, retry._trial_id, "claim not confirmed: LockLostError")  # ...and loses its lock
+    assert fail_trial(study, trial_id(first), "interrupted", requeue=True)
+    retry = claim_trial(study)  # takes the queued retry...
+    _void(study, trial_id(retry), "claim not confirmed: LockLostError")  # ...and loses its lock
     counts = count_trials(study.get_trials(deepcopy=False))
     assert (counts.finished, counts.void, counts.waiting, counts.running) == (0, 1, 1, 0)
-    again = claim_trial(study, 2)
+    again = claim_trial(study)
     assert again.user_attrs["retry_of"] == first.number and again.params == first.params
 
 
@@ -141,33 +135,33 @@ def test_a_cut_off_claim_counts_nowhere_and_the_next_claim_voids_it_at_once(stor
     cut = study.ask()
     counts = count_trials(study.get_trials(deepcopy=False))
     assert (counts.running, counts.claiming, counts.used) == (1, 1, 0)
-    trial = claim_trial(study, 1)  # the cut-off claim took no slot...
+    trial = claim_trial(study)  # the cut-off claim took no slot...
     assert trial is not None and trial.user_attrs["claimed_unix"] > 0
-    voided = study._storage.get_trial(cut._trial_id)  # ...and is void now, not in two minutes
+    voided = study_storage(study).get_trial(trial_id(cut))  # ...and is void now, not in two minutes
     assert voided.state == TrialState.FAIL and "void_reason" in voided.user_attrs
     counts = count_trials(study.get_trials(deepcopy=False))
     assert (counts.running, counts.claiming, counts.void, counts.used) == (1, 0, 1, 1)
-    assert claim_trial(study, 1) is None
+    assert claim_trial(study) is None
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 def test_a_cut_off_claim_of_a_retry_gives_the_retry_back_once(tmp_path, monkeypatch):
     storage = open_storage(f"sqlite:///{tmp_path / 'cut.db'}")
     study = create_or_load_study(storage, "cut", SETTINGS, budget=2)
-    first = claim_trial(study, 2)
+    first = claim_trial(study)
     first.suggest_int("n", 0, 100)
-    assert fail_trial(study, first._trial_id, "interrupted", requeue=True)
+    assert fail_trial(study, trial_id(first), "interrupted", requeue=True)
     cut = study.ask()  # takes the queued retry, and is cut off before its stamp
     assert cut.user_attrs["retry_of"] == first.number
     # Its claimer's undo is cut off too, after putting the retry back on the queue.
     with monkeypatch.context() as patch:
-        patch.setattr(study._storage, "set_trial_user_attr", _store_gone)
-        _void(study, cut._trial_id, "claim not confirmed")
-    assert study._storage.get_trial(cut._trial_id).state == TrialState.RUNNING
+        patch.setattr(study_storage(study), "set_trial_user_attr", _store_gone)
+        _void(study, trial_id(cut), "claim not confirmed")
+    assert study_storage(study).get_trial(trial_id(cut)).state == TrialState.RUNNING
     # The next claim voids it without queueing the retry a second time, and takes the copy.
-    again = claim_trial(study, 2)
+    again = claim_trial(study)
     assert again.user_attrs["retry_of"] == first.number and again.params == first.params
-    assert study._storage.get_trial(cut._trial_id).state == TrialState.FAIL
+    assert study_storage(study).get_trial(trial_id(cut)).state == TrialState.FAIL
     trials = study.get_trials(deepcopy=False)
     repeats = [t for t in trials if t.user_attrs.get("retry_of") == first.number]
     assert sorted(t.state.name for t in repeats) == ["FAIL", "RUNNING"]
@@ -184,13 +178,13 @@ def test_no_trial_is_claimed_once_the_deadline_has_passed_even_after_waiting_for
 ):
     storage = open_storage(f"sqlite:///{tmp_path / 'deadline.db'}")
     study = create_or_load_study(storage, "deadline", SETTINGS, budget=5)
-    assert claim_trial(study, 5, deadline=time.time() - 1) is None
+    assert claim_trial(study, deadline=time.time() - 1) is None
     # Another claimer holds the lock across the deadline: the claim waiting for it gets the lock
     # after the deadline and must not start a trial then.
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with store_lock(_rdb(study._storage), study._study_id):
+        with store_lock(store_of(study), study_id(study)):
             held.set()
             release.wait(30)
 
@@ -200,13 +194,13 @@ def test_no_trial_is_claimed_once_the_deadline_has_passed_even_after_waiting_for
         assert held.wait(30)
         deadline = time.time() + 0.3
         threading.Timer(0.8, release.set).start()
-        assert claim_trial(study, 5, deadline=deadline) is None
+        assert claim_trial(study, deadline=deadline) is None
         assert time.time() > deadline  # it did wait for the lock
     finally:
         release.set()
         holder.join()
     assert study.get_trials() == []
-    trial = claim_trial(study, 5, deadline=time.time() + 60)
+    trial = claim_trial(study, deadline=time.time() + 60)
     assert trial is not None and trial.number == 0
 
 
@@ -215,13 +209,13 @@ def test_prune_checkpoints_keeps_unfinished_chains_and_the_best_complete(tmp_pat
     study = create_or_load_study(storage, "ckpt", SETTINGS, budget=10)
     root = tmp_path / "checkpoints"
     for value in (3.0, 1.0, 2.0):  # trials 0, 1, 2
-        trial = claim_trial(study, 10)
+        trial = claim_trial(study)
         study.tell(trial, value)
-    pruned = claim_trial(study, 10)  # 3
+    pruned = claim_trial(study)  # 3
     study.tell(pruned, state=TrialState.PRUNED)
-    running = claim_trial(study, 10)  # 4
-    interrupted = claim_trial(study, 10)  # 5, re-queued: its retry will need the checkpoint
-    fail_trial(study, interrupted._trial_id, "interrupted", requeue=True)
+    running = claim_trial(study)  # 4
+    interrupted = claim_trial(study)  # 5, re-queued: its retry will need the checkpoint
+    fail_trial(study, trial_id(interrupted), "interrupted", requeue=True)
     for number in range(6):
         checkpoint_dir_for(root, "ckpt", number).mkdir(parents=True)
     removed = prune_checkpoints(study, root, keep=2)
@@ -238,19 +232,19 @@ def test_prune_checkpoints_never_sees_a_failure_without_its_retry(store_url, tmp
     storage = open_storage(store_url)
     name = unique("race")
     study = create_or_load_study(storage, name, SETTINGS, budget=5)
-    trial = claim_trial(study, 5)
+    trial = claim_trial(study)
     chain = checkpoint_dir_for(tmp_path, name, trial.number)
     chain.mkdir(parents=True)
     result: dict[str, list] = {}
-    with store_lock(_rdb(study._storage), study._study_id):
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    with store_lock(store_of(study), study_id(study)):
+        study_storage(study).set_trial_state_values(trial_id(trial), state=TrialState.FAIL)
         pruner = threading.Thread(
             target=lambda: result.update(removed=prune_checkpoints(study, tmp_path, keep=0))
         )
         pruner.start()
         time.sleep(1.0)
         assert pruner.is_alive()  # waiting for the lock
-        _enqueue_retry(study, study._storage.get_trial(trial._trial_id))
+        enqueue_retry(study, study_storage(study).get_trial(trial_id(trial)))
     pruner.join(timeout=30)
     assert result["removed"] == []
     assert chain.is_dir()
@@ -261,7 +255,7 @@ _CLAIMER = textwrap.dedent(
     import random, sys, warnings
     import optuna
     from optuna.trial import TrialState
-    from hpo._study import claim_trial
+    from hpo._budget import claim_trial
     from storage import open_storage
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -269,7 +263,7 @@ _CLAIMER = textwrap.dedent(
     rng = random.Random(seed)
     study = optuna.load_study(study_name=name, storage=open_storage(url))
     n = 0
-    while (trial := claim_trial(study, budget)) is not None:
+    while (trial := claim_trial(study)) is not None:
         x = trial.suggest_float("x", -1, 1)
         state = rng.choice([TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL])
         if state == TrialState.PRUNED:

@@ -1,4 +1,4 @@
-"""The grouped store writes (hpo._trial_writes) and the pruner's rungs (hpo._study.pruning_steps):
+"""The grouped store writes (storage._optuna) and the pruner's rungs (hpo._strategies.pruning_steps):
 the same rows and decisions as Optuna's one-at-a-time path, in fewer transactions."""
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import pytest
 from sqlalchemy import event
 
 from hpo._search_space import default_space, suggest_config
-from hpo._study import PRUNERS, make_pruner, pruning_steps
-from hpo._trial_writes import batched_params, report_epoch
+from hpo._strategies import PRUNERS, make_pruner, pruning_steps
 from pipeline import preset
-from storage import open_storage
+from storage import batched_params, open_storage, report_epoch
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 

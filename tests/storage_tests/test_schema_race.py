@@ -29,7 +29,7 @@ _RACER = textwrap.dedent(
     """
     import sys, warnings
     import optuna
-    from storage import StorageError, open_storage
+    from storage import StorageError, open_storage, study_id
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     print("ready", flush=True)
@@ -37,7 +37,7 @@ _RACER = textwrap.dedent(
         try:
             storage = open_storage(line.strip(), heartbeat=False)
             study = optuna.create_study(storage=storage, study_name="first", load_if_exists=True)
-            print(f"ok {study._study_id}", flush=True)
+            print(f"ok {study_id(study)}", flush=True)
             storage.engine.dispose()
         except StorageError as e:
             print(f"error: {e}", flush=True)

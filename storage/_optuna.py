@@ -1,21 +1,30 @@
-"""A trial's store writes grouped into one transaction each, where Optuna makes one per value.
+"""Every use of Optuna's private API, fenced in one module and checked against Optuna's version.
 
-Optuna's `Trial` writes every suggested parameter, user attribute and reported value in its own
-transaction: a connection checkout (a pre-ping round trip), a lookup of the trial, the write and a
-commit, about 240 statements and 65 commits per `quick` trial with 12 parameters and ~20
-attributes (bench/store_traffic.py). Against a relational store (the only kind `hpo run` opens)
-these helpers write the same rows, through the same pieces of `RDBStorage` and with the same
-checks (the trial must still be RUNNING, a parameter's distribution must match the study's), in
-one transaction per group:
+Optuna offers no public way to write a trial's values in one transaction, to find the trials whose
+heartbeat stopped without failing them, or to reach a study's storage and ids; `hpo` needs all of
+these. They live here and nowhere else (tests/storage_tests/test_optuna_fence.py fails if another
+module imports a private Optuna name or reads one of these private attributes), so an Optuna
+release that moves them breaks one module, loudly, rather than leaving the pruner reading a wrong
+view:
 
-- `set_user_attrs`: a dict of user attributes, all or none;
-- `report_epoch`: an epoch's intermediate value together with the attributes that go with it;
-- `batched_params`: the parameters suggested inside the `with` block, written when it ends.
-
-The trial object's own view (`trial.params`, `trial.user_attrs`, the values the pruner reads) is
-updated as Optuna's methods would update it. With any other storage they fall back to Optuna's
-one-at-a-time methods. Optuna has no public batch write; the private pieces these writes use are
-all in this module.
+- At import, every private piece used is looked up. On an Optuna version these writes were not
+  tested on (`TESTED_OPTUNA`), or where a piece is missing, `PRIVATE_WRITES` is False and the
+  grouped writes fall back to Optuna's public one-at-a-time methods (correct, ~4x more store
+  traffic); the accessors (`study_storage`, `study_id`, `trial_id`, `stale_trial_ids`) raise
+  `StorageError` naming the version instead.
+- The grouped writes: Optuna's `Trial` writes every suggested parameter, user attribute and
+  reported value in its own transaction: a connection checkout (a pre-ping round trip), a lookup
+  of the trial, the write and a commit, about 240 statements and 65 commits per `quick` trial with
+  12 parameters and ~20 attributes (`python -m bench store_traffic`). Against a relational store
+  these helpers write the same rows, through the same pieces of `RDBStorage` and with the same
+  checks (the trial must still be RUNNING, a parameter's distribution must match the study's), in
+  one transaction per group:
+  - `set_user_attrs`: a dict of user attributes, all or none;
+  - `report_epoch`: an epoch's intermediate value together with the attributes that go with it;
+  - `batched_params`: the parameters suggested inside the `with` block, written when it ends.
+  The trial object's own view (`trial.params`, `trial.user_attrs`, the values the pruner reads)
+  is updated as Optuna's methods would update it. With any other storage they use Optuna's
+  one-at-a-time methods.
 """
 
 from __future__ import annotations
@@ -28,19 +37,91 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
+from optuna.storages._rdb import models  # the table models: storage._schema cannot do without
+
+try:
+    from optuna.storages._rdb.storage import _create_scoped_session
+except ImportError:  # moved: the grouped writes fall back to the public ones
+    _create_scoped_session = None
+
+from storage._errors import StorageError
+
+# The Optuna releases (major.minor) whose private pieces below were tested (pyproject pins 5.0).
+TESTED_OPTUNA = ("5.0",)
+_PRIVATE_METHODS = (
+    "_set_trial_attr_without_commit",
+    "_set_trial_intermediate_value_without_commit",
+    "_set_trial_param_without_commit",
+    "_get_stale_trial_ids",
+)
 
 
-def _backend(trial: Any) -> RDBStorage | None:
-    """The relational store under Optuna's cache, or None for another kind of storage."""
-    storage = getattr(trial, "storage", None)  # a FixedTrial has none
+def _private_api_problem() -> str | None:
+    """Why the private pieces cannot be trusted on this Optuna, or None if they can."""
+    version = ".".join(optuna.__version__.split(".")[:2])
+    if version not in TESTED_OPTUNA:
+        return f"Optuna {optuna.__version__} (hpo was tested on {', '.join(TESTED_OPTUNA)})"
+    missing = [name for name in _PRIVATE_METHODS if not hasattr(RDBStorage, name)]
+    if _create_scoped_session is None:
+        missing.append("_create_scoped_session (optuna.storages._rdb.storage)")
+    if missing:
+        return f"Optuna {optuna.__version__} lacks {', '.join(missing)}"
+    return None
+
+
+_PROBLEM = _private_api_problem()
+# Whether the grouped writes use the private pieces (else Optuna's public one-at-a-time writes).
+PRIVATE_WRITES = _PROBLEM is None
+# Optuna's table models, for `storage._schema`.
+MODELS = models
+
+
+def _private(owner: object, name: str, what: str) -> Any:
+    """`owner.<name>`, a private attribute of Optuna's; StorageError if this Optuna has none."""
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        problem = _PROBLEM or f"Optuna {optuna.__version__} has no {type(owner).__name__}.{name}"
+        raise StorageError(f"cannot reach {what}: {problem}; install optuna 5.0") from None
+
+
+def study_storage(study: optuna.Study) -> Any:
+    """The storage `study` reads and writes through (Optuna's cache wrapper, usually)."""
+    return _private(study, "_storage", "a study's storage")
+
+
+def study_id(study: optuna.Study) -> int:
+    """The store's id of `study`."""
+    return _private(study, "_study_id", "a study's id")
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """The store's id of `trial` (a live trial or a frozen one)."""
+    return _private(trial, "_trial_id", "a trial's id")
+
+
+def rdb_storage(storage: Any) -> RDBStorage | None:
+    """The relational store under Optuna's cache wrapper, or None for another kind of storage."""
     backend = getattr(storage, "_backend", storage)
     return backend if isinstance(backend, RDBStorage) else None
 
 
+def stale_trial_ids(rdb: RDBStorage, study: int) -> list[int]:
+    """The RUNNING trials of study id `study` whose heartbeat stopped (Optuna's own sweep fails
+    them without a reason; hpo records one)."""
+    return list(_private(rdb, "_get_stale_trial_ids", "the stale trials")(study))
+
+
+def _backend(trial: Any) -> RDBStorage | None:
+    """The relational store to write `trial` through in groups, or None: another kind of storage,
+    a FixedTrial (no storage), or an Optuna whose private pieces are not trusted."""
+    if not PRIVATE_WRITES:
+        return None
+    return rdb_storage(getattr(trial, "storage", None))
+
+
 @contextlib.contextmanager
 def _transaction(backend: RDBStorage) -> Iterator[Any]:
-    from optuna.storages._rdb.storage import _create_scoped_session
-
     with _create_scoped_session(backend.scoped_session, True) as session:
         yield session
 
@@ -49,7 +130,6 @@ def _write_user_attrs(backend: RDBStorage, session: Any, trial_id: int,
                       attrs: dict[str, Any]) -> None:
     """Upsert `attrs` as the trial's user attributes: on PostgreSQL and SQLite one lookup of the
     trial and one multi-row INSERT ... ON CONFLICT statement; elsewhere Optuna's per-key write."""
-    from optuna.storages._rdb import models
 
     if not attrs:
         return
