@@ -26,7 +26,7 @@ from hpo._errors import (
 if TYPE_CHECKING:
     from hpo._attrs import ATTR_CHECKPOINT
     from hpo._budget import StudyCounts, budget_state, claim_trial, count_trials
-    from hpo._requeue import fail_trial
+    from hpo._requeue import RequeueStaleTrial, fail_trial
     from hpo._run import RunRequest, run_study
     from hpo._search_space import SearchSpace, default_space, load_space, suggest_config
     from hpo._strategies import (
@@ -45,8 +45,13 @@ if TYPE_CHECKING:
         create_or_load_study,
         load_existing_study,
     )
+    from hpo._worker import WorkerSpec
+    from hpo._worker_loop import WorkerLoop
 
 _LAZY = {
+    "RequeueStaleTrial": "hpo._requeue",
+    "WorkerSpec": "hpo._worker",
+    "WorkerLoop": "hpo._worker_loop",
     "fail_trial": "hpo._requeue",
     "budget_state": "hpo._budget",
     "run_study": "hpo._run",
@@ -96,6 +101,7 @@ __all__ = [
     "NothingToReport",
     "OutputNotWritable",
     "ReportError",
+    "RequeueStaleTrial",
     "RunRequest",
     "RunStopped",
     "SearchSpace",
@@ -104,6 +110,8 @@ __all__ = [
     "StudyError",
     "StudySettings",
     "StudySpec",
+    "WorkerLoop",
+    "WorkerSpec",
     "best_trial",
     "budget_state",
     "claim_trial",

@@ -87,6 +87,7 @@ def run_trial(
     on_resume: Callable[[int], None] | None = None,
     prune_steps: Container[int] | None = None,
     checkpoint_every_s: float = 0.0,
+    phase: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> TrialRun:
     """Train `config`, report the objective each epoch, prune when the pruner says so.
 
@@ -99,10 +100,17 @@ def run_trial(
     after the epochs in `prune_steps` (`hpo._strategies.pruning_steps`; None: after every one), and
     once after the epochs restored from a checkpoint. Numerical failures and CUDA
     out-of-memory end the trial as FAIL with their reason; anything raised by `guard` or `store`
-    or a KeyboardInterrupt-like BaseException propagates to the caller.
+    or a KeyboardInterrupt-like BaseException propagates to the caller. `phase(name)`, if given,
+    is entered around the epoch reports and the pruning questions (a profiler's timers).
     """
     history: list[dict[str, Any]] = []
     write = store or (lambda fn, what: fn())
+    span = phase or (lambda name: contextlib.nullcontext())
+
+    def should_prune() -> bool:
+        with span("pruning questions"):
+            return trial.should_prune()
+
     timings: dict[str, float] = {}
 
     def record(metrics: EpochMetrics, *, live: bool) -> None:
@@ -123,13 +131,14 @@ def run_trial(
             if not math.isfinite(value):
                 set_user_attrs(trial, {ATTR_HISTORY: history})
                 return False
-            report_epoch(trial, value, metrics.epoch, {ATTR_HISTORY: history})  # one transaction
+            with span("epoch reports"):  # one transaction
+                report_epoch(trial, value, metrics.epoch, {ATTR_HISTORY: history})
             # After the last epoch there is no training left to save: the trial completes.
             return (
                 metrics.epoch < config.epochs
                 and live
                 and (prune_steps is None or metrics.epoch in prune_steps)
-                and trial.should_prune()
+                and should_prune()
             )
 
         with guard() if guard else contextlib.nullcontext():
@@ -164,7 +173,7 @@ def run_trial(
         if resumed and len(resumed) < config.epochs:
             # The pruner sees the restored curve before training goes on.
             with guard() if guard else contextlib.nullcontext():
-                prune = write(trial.should_prune, f"asking the pruner for trial {trial.number}")
+                prune = write(should_prune, f"asking the pruner for trial {trial.number}")
             if prune:
                 raise optuna.TrialPruned(f"pruned at epoch {len(resumed)}")
         result = train(

@@ -7,12 +7,15 @@ process (`hpo._worker`) adds only its own part: device, threads, sampler seed, c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
 import traceback
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,12 +69,18 @@ _logger = logging.getLogger("hpo.worker")
 
 
 class WorkerLoop:
-    def __init__(self, spec: WorkerSpec, signals: Signals) -> None:
+    """One worker's loop. `phase(name)`, if given, is entered around each of its store phases
+    (claim, suggest, start attributes, epoch reports, pruning questions, end attributes and
+    tell, checkpoint pruning): `python -m bench store_traffic` times them with it."""
+
+    def __init__(self, spec: WorkerSpec, signals: Signals | None = None, *,
+                 phase: Callable[[str], AbstractContextManager[Any]] | None = None) -> None:
+        self.phase = phase or (lambda name: contextlib.nullcontext())
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.signals = signals
+        self.signals = signals or Signals()
         self.location = resolve_url(None)  # $HPO_STORAGE, set by the launcher
         self.retry = Reconnect(self.location, deadline_s=spec.reconnect_s)
         self.storage = open_storage(
@@ -121,7 +130,8 @@ class WorkerLoop:
             if n_trials >= self.spec.max_trials:
                 _logger.info("recycling after %d trials", n_trials)
                 return EXIT_RECYCLE
-            trial = self.retry(lambda: claim_trial(self.study, deadline), "claiming a trial")
+            with self.phase("claim"):
+                trial = self.retry(lambda: claim_trial(self.study, deadline), "claiming a trial")
             if trial is None:
                 if deadline_passed(deadline):
                     _logger.info("time limit of hpo run (%s) reached; exiting",
@@ -150,7 +160,7 @@ class WorkerLoop:
         """Suggest the trial's config (one transaction) and record its start; the config."""
 
         def suggest() -> Any:
-            with batched_params(trial):  # one transaction for all the parameters
+            with self.phase("suggest"), batched_params(trial):  # one transaction for them all
                 return suggest_config(trial, self.space, self.base)
 
         config = self.retry(suggest, "suggesting parameters")
@@ -163,7 +173,8 @@ class WorkerLoop:
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
             first_try=ATTR_RETRY_COUNT not in trial.user_attrs,
         )  # fmt: skip
-        self._set_attrs(trial, record, "recording the start")
+        with self.phase("start attributes"):
+            self._set_attrs(trial, record, "recording the start")
         _logger.info("trial %d: %s", trial.number, trial.params)
         return config
 
@@ -188,6 +199,7 @@ class WorkerLoop:
                     ),
                     checkpoint_every_s=self.spec.checkpoint_every_s,
                     prune_steps=self.prune_steps,
+                    phase=self.phase,
                 )
         except WorkerInterrupted as e:
             heartbeat.stop()
@@ -228,7 +240,8 @@ class WorkerLoop:
             checkpoint=None if run.checkpoint is None else str(run.checkpoint),
             reason=run.reason,
         )
-        recorded = self._finish(trial, run.state, run.value, record)
+        with self.phase("end attributes and tell"):
+            recorded = self._finish(trial, run.state, run.value, record)
         if recorded:
             _logger.info(
                 "trial %d: %s%s%s in %.1f s",
@@ -246,9 +259,10 @@ class WorkerLoop:
             # directories are kept by has not changed, so there is nothing else to prune.
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         elif checkpoint_dir is not None:
-            prune_checkpoints_or_warn(self.study, self.spec.checkpoint_dir,
-                                      keep=self.spec.keep_checkpoints, retry=self.retry,
-                                      warn=_logger.warning)  # fmt: skip
+            with self.phase("checkpoint pruning"):
+                prune_checkpoints_or_warn(self.study, self.spec.checkpoint_dir,
+                                          keep=self.spec.keep_checkpoints, retry=self.retry,
+                                          warn=_logger.warning)  # fmt: skip
         return False
 
     def _finish(self, trial: Any, state: Any, value: float | None, attrs: dict[str, Any]) -> bool:

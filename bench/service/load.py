@@ -80,8 +80,7 @@ class _Connections:
 
 def _prefill(url: str, n: int, budget: int, preset_name: str) -> None:
     from bench.service.store_traffic import _seed_history
-    from hpo._search_space import load_space
-    from hpo._study import OBJECTIVES, REDUCTION_FACTOR, StudySettings, create_or_load_study
+    from hpo import OBJECTIVES, REDUCTION_FACTOR, StudySettings, create_or_load_study, load_space
     from pipeline import preset
     from storage import open_storage
 
@@ -90,7 +89,7 @@ def _prefill(url: str, n: int, budget: int, preset_name: str) -> None:
     store = open_storage(url)
     settings = StudySettings(preset=preset_name, objective="composite",
                              direction=OBJECTIVES["composite"], epochs=base.epochs)
-    create_or_load_study(store, STUDY, settings, budget=budget, space=space.to_dict())
+    create_or_load_study(store, STUDY, settings, budget=budget)  # hpo run adds its spec
     _seed_history(store, STUDY, space, base, n, base.epochs, "hyperband", REDUCTION_FACTOR, 0)
 
 
@@ -146,7 +145,7 @@ def main(argv: list[str]) -> None:
 
     import optuna
 
-    from hpo._study import count_trials
+    from hpo import count_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     harness.header(args)

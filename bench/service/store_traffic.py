@@ -1,6 +1,6 @@
 """What one trial costs the study store: round trips, commits and CPU, per trial and per epoch.
 
-One worker (`hpo._worker`, in this process, the real loop: claim, suggest, start attributes,
+One worker (`hpo.WorkerLoop`, in this process, the real loop: claim, suggest, start attributes,
 per-epoch reports and pruning questions, end attributes and tell, checkpoint pruning) runs
 `--trials` trials of a preset against a fresh PostgreSQL database, with `hpo run`'s sampler
 and pruner. Counted from SQLAlchemy's events: statements sent, connection checkouts (each one a
@@ -34,7 +34,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,40 +74,6 @@ class _Phases:
             self.calls[name] += 1
             self._depth -= 1
 
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.span(name):
-                return fn(*args, **kwargs)
-        return timed
-
-    def wrap_context(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @contextlib.contextmanager
-        def timed(*args: Any, **kwargs: Any) -> Iterator[None]:
-            with self.span(name), fn(*args, **kwargs):
-                yield
-        return timed
-
-
-def _instrument(phases: _Phases) -> None:
-    """Time the worker's store operations where it looks them up (the worker imports most of them
-    inside its methods, so patching the modules' attributes reaches it)."""
-    import optuna
-
-    import hpo._objective
-    import hpo._study
-    import hpo._trial_writes
-    from hpo._worker import _Worker
-
-    hpo._study.claim_trial = phases.wrap("claim", hpo._study.claim_trial)
-    hpo._trial_writes.batched_params = phases.wrap_context(
-        "suggest", hpo._trial_writes.batched_params)
-    hpo._study.set_user_attrs = phases.wrap("start attributes", hpo._study.set_user_attrs)
-    hpo._objective.report_epoch = phases.wrap("epoch reports", hpo._objective.report_epoch)
-    optuna.trial.Trial.should_prune = phases.wrap(
-        "pruning questions", optuna.trial.Trial.should_prune)
-    _Worker._finish = phases.wrap("end attributes and tell", _Worker._finish)
-    _Worker._prune_checkpoints = phases.wrap("checkpoint pruning", _Worker._prune_checkpoints)
-
 
 def _seed_history(store: Any, study_name: str, space: Any, base: Any, n: int, epochs: int,
                   pruner: str, eta: int, seed: int) -> None:
@@ -120,8 +86,7 @@ def _seed_history(store: Any, study_name: str, space: Any, base: Any, n: int, ep
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from hpo._search_space import suggest_config
-    from hpo._study import pruning_steps
+    from hpo import pruning_steps, suggest_config
     from pipeline import config_to_dict
 
     rng = random.Random(seed)
@@ -176,8 +141,8 @@ def _beat(url: str, trial_ids: list[int], interval_s: float) -> None:
             store.record_heartbeat(trial_id)
 
 
-def _start_others(store: Any, url: str, spec: Any, space: Any, base: Any,
-                  r: int) -> Any:
+def _start_others(store: Any, url: str, study_name: str, plan: Any, space: Any, base: Any,
+                  r: int, seed: int, heartbeat_s: float) -> Any:
     """`r` trials claimed, suggested and one epoch into training, as other workers leave them.
     Their heartbeats go on in a child process (the returned one, to terminate), so that neither
     this process's CPU nor its statement counts include them."""
@@ -185,28 +150,27 @@ def _start_others(store: Any, url: str, spec: Any, space: Any, base: Any,
 
     import optuna
 
-    from hpo._search_space import suggest_config
-    from hpo._study import claim_trial, make_pruner, make_sampler, set_user_attrs
-    from hpo._trial_writes import batched_params, report_epoch
+    from hpo import claim_trial, make_pruner, make_sampler, suggest_config
     from pipeline import config_to_dict
+    from storage import batched_params, report_epoch, set_user_attrs, trial_id
 
     study = optuna.load_study(
-        study_name=spec.study, storage=store,
-        sampler=make_sampler(spec.sampler, spec.sampler_seed + 1),
-        pruner=make_pruner(spec.pruner, spec.epochs, spec.reduction_factor))
+        study_name=study_name, storage=store,
+        sampler=make_sampler(plan.sampler, seed + 1),
+        pruner=make_pruner(plan.pruner, base.epochs, plan.reduction_factor))
     trial_ids = []
     for index in range(r):
-        trial = claim_trial(study, spec.budget)
+        trial = claim_trial(study)
         with batched_params(trial):
             config = suggest_config(trial, space, base)
         set_user_attrs(trial, {"config": config_to_dict(config), "seed": config.seed,
                                "worker_index": index + 1, "started_unix": time.time(),
-                               "pruner": spec.pruner, "device": "cpu", "threads": 1,
+                               "pruner": plan.pruner, "device": "cpu", "threads": 1,
                                "retry_count": 0})
         report_epoch(trial, 10.0, 1, {"history": [{"epoch": 1, "composite": 10.0}]})
-        trial_ids.append(trial._trial_id)
+        trial_ids.append(trial_id(trial))
     beating = multiprocessing.get_context("spawn").Process(
-        target=_beat, args=(url, trial_ids, spec.heartbeat_interval_s), daemon=True)
+        target=_beat, args=(url, trial_ids, heartbeat_s), daemon=True)
     beating.start()
     return beating
 
@@ -224,16 +188,18 @@ def main(argv: list[str]) -> None:
                         help="trials kept RUNNING beside the worker's (other workers' claims)")
     args = parser.parse_args(argv)
 
-    from hpo._search_space import load_space
-    from hpo._study import (
+    from hpo import (
         OBJECTIVES,
         REDUCTION_FACTOR,
         RequeueStaleTrial,
         StudySettings,
+        StudySpec,
+        WorkerLoop,
+        WorkerSpec,
         create_or_load_study,
+        load_space,
     )
-    from hpo._worker import WorkerSpec, _Signals, _Worker
-    from pipeline import preset
+    from pipeline import config_to_dict, preset
     from storage import open_storage
 
     counts: collections.Counter[str] = collections.Counter()
@@ -260,21 +226,20 @@ def main(argv: list[str]) -> None:
         settings = StudySettings(preset=args.preset, objective=objective,
                                  direction=OBJECTIVES[objective], epochs=base.epochs)
         budget = args.history + args.others + args.trials
-        create_or_load_study(store, "traffic", settings, budget=budget, space=space.to_dict())
+        plan = StudySpec(config=config_to_dict(base), space=space.to_dict(), pruner=args.pruner,
+                         reduction_factor=REDUCTION_FACTOR, sampler=args.sampler)
+        create_or_load_study(store, "traffic", settings, budget=budget, spec=plan)
         _seed_history(store, "traffic", space, base, args.history, base.epochs, args.pruner,
                       REDUCTION_FACTOR, args.seed)
         spec = WorkerSpec(
-            study="traffic", budget=budget, preset=args.preset, epochs=base.epochs,
-            objective=objective, pruner=args.pruner, sampler=args.sampler,
-            sampler_seed=args.seed, space=space.to_dict(), device="cpu", threads=1, index=0,
+            study="traffic", sampler_seed=args.seed, device="cpu", threads=1, index=0,
             parent_pid=os.getpid(), checkpoint_dir=str(Path(tmp) / "checkpoints"),
-            reduction_factor=REDUCTION_FACTOR,
         )
-        beating = _start_others(store, url, spec, space, base, args.others)
+        beating = _start_others(store, url, "traffic", plan, space, base, args.others,
+                                args.seed, spec.heartbeat_interval_s)
         mine_from = args.history + args.others  # the worker's trials are numbered from here
         phases = _Phases()
-        _instrument(phases)
-        worker = _Worker(spec, _Signals())
+        worker = WorkerLoop(spec, phase=phases.span)
         # Warm its cache of finished trials, as a worker that saw the study fill up has it.
         worker.study.get_trials(deepcopy=False)
         counts.clear()
