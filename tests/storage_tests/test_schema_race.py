@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import psycopg2
 import pytest
 import sqlalchemy
-from optuna.storages._rdb import models
 
 from storage import StorageSchemaError, open_storage, parse_url
+from storage._optuna import MODELS as models
 from storage._schema import SCHEMA_TABLES, schema_ready
 from storage.testing import DUMMY_PASSWORD, fresh_postgres_database
 
