@@ -21,6 +21,7 @@ import typer
 
 from hpo._app import app
 from hpo._common import EXIT_INCOMPLETE, EXIT_USAGE, fail, open_study
+from hpo._layout import Device
 from pipeline import PipelineError
 
 CSV_NAME = "evaluation.csv"
@@ -49,6 +50,16 @@ _COLUMNS = (
     ("el", "rmse_over_crb_elevation_deg", "{:.1f}"),
     ("r", "rmse_over_crb_range_m", "{:.1f}"),
 )
+# What each row of the tables is, as evaluation.json records it.
+METHODS = {
+    "learned": "MUSIC on the learned R_blend, K from the K head",
+    "samp": "MUSIC on R_samp, K from MDL",
+    "pursuit": "orthogonal matching pursuit on the coded dictionary, K from MDL",
+    "sbl": "coded sparse Bayesian learning with likelihood refinement, its own K (a threshold on "
+           "each source's likelihood gain)",
+    "oracle": "MUSIC on R_true, true K",
+    "crb": "stochastic CRB, all positions, powers and noise variance unknown",
+}
 _SHORT_LABELS = {"learned": "learned", "samp": "R_samp", "pursuit": "pursuit", "sbl": "SBL",
                  "oracle": "R_true", "crb": "CRB"}
 
@@ -202,9 +213,11 @@ def evaluate(
     study: Annotated[
         str | None, typer.Option("--study", help="Study for --from-best [default: the only one].")
     ] = None,
-    scenes: Annotated[int, typer.Option("--scenes", help="Fresh test scenes to evaluate.")] = 2000,
+    scenes: Annotated[
+        int, typer.Option("--scenes", min=1, help="Fresh test scenes to evaluate.")
+    ] = 2000,
     seed: Annotated[
-        int, typer.Option("--seed", help="Evaluation seed: picks the test scenes (0 = the test "
+        int, typer.Option("--seed", min=0, help="Evaluation seed: picks the test scenes (0 = the test "
                           "split itself); the same seed gives the same scenes and table.")
     ] = 0,
     out: Annotated[
@@ -214,30 +227,15 @@ def evaluate(
                      "rmse_vs_snr.png [default: <checkpoint dir>/evaluate-seed<S>-n<scenes>]."),
     ] = None,
     device: Annotated[
-        str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")
-    ] = "auto",
+        Device, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")
+    ] = Device.auto,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of the tables.")
     ] = False,
 ) -> None:
     """Evaluate a trained model on fresh test scenes against the references, per SNR bin and K."""
-    if scenes < 1:
-        fail(f"--scenes must be >= 1, but got {scenes}", EXIT_USAGE)
-    if seed < 0:
-        fail(f"--seed must be >= 0, but got {seed}", EXIT_USAGE)
     path = _resolve_checkpoint(checkpoint, from_best, storage, study)
-
-    from pipeline import evaluate_model, load_model, resolve_device
-
-    try:
-        torch_device = resolve_device(device)
-        model, config, deployment = load_model(path, torch_device)
-    except PipelineError as error:
-        fail(_first_line(error), EXIT_USAGE)
-    except (RuntimeError, KeyError, TypeError, ValueError) as error:
-        # A checkpoint of an older model: load_state_dict lists every mismatched tensor.
-        fail(f"checkpoint {path} does not fit this version of the model: {_first_line(error)}",
-             EXIT_USAGE)
+    model, config, deployment, torch_device = _load(path, device.value)
     # Checked before the (minutes of) work, after the cheap checks, so no empty directory is
     # left behind for a bad checkpoint.
     run_dir = out or path.parent / f"evaluate-seed{seed}-n{scenes}"
@@ -249,6 +247,8 @@ def evaluate(
 
     if not as_json:
         typer.echo(f"evaluating {path} on {scenes} test scenes (seed {seed}) on {torch_device}")
+    from pipeline import evaluate_model
+
     started = time.perf_counter()
     try:
         result = evaluate_model(model, config, deployment, n_scenes=scenes, seed=seed,
@@ -257,30 +257,11 @@ def evaluate(
         fail(f"{type(error).__name__}: {_first_line(error)}", EXIT_INCOMPLETE)
     elapsed = time.perf_counter() - started
     payload = {
-        "checkpoint": str(path),
-        "n_scenes": result.n_scenes,
-        "seed": result.seed,
-        "device": str(torch_device),
-        "seconds": {"total": elapsed, **result.seconds},
-        "methods": {"learned": "MUSIC on the learned R_blend, K from the K head",
-                    "samp": "MUSIC on R_samp, K from MDL",
-                    "pursuit": "orthogonal matching pursuit on the coded dictionary, K from MDL",
-                    "sbl": "coded sparse Bayesian learning with likelihood refinement, its own K "
-                           "(a threshold on each source's likelihood gain)",
-                    "oracle": "MUSIC on R_true, true K",
-                    "crb": "stochastic CRB, all positions, powers and noise variance unknown"},
-        "rows": result.rows,
-        "paired": result.paired,
-        "config": result.config,
-    }
-    try:
-        (run_dir / JSON_NAME).write_text(json.dumps(payload, indent=1))
-        (run_dir / SCENES_NAME).write_text(
-            "".join(json.dumps(record) + "\n" for record in result.scenes))
-        _write_csv(result.rows, run_dir / CSV_NAME)
-        _write_plot(result.rows, run_dir / PLOT_NAME)
-    except OSError as error:
-        fail(f"cannot write the results to {run_dir}: {error.strerror or error}", EXIT_INCOMPLETE)
+        "checkpoint": str(path), "n_scenes": result.n_scenes, "seed": result.seed,
+        "device": str(torch_device), "seconds": {"total": elapsed, **result.seconds},
+        "methods": METHODS, "rows": result.rows, "paired": result.paired, "config": result.config,
+    }  # fmt: skip
+    _write_results(run_dir, payload, result)
     if as_json:
         typer.echo(json.dumps(payload))
         return
@@ -290,3 +271,31 @@ def evaluate(
     typer.echo(format_paired(result.paired))
     typer.echo(f"{elapsed:.1f} s; wrote {run_dir / CSV_NAME}, {run_dir / JSON_NAME}, "
                f"{run_dir / SCENES_NAME}, {run_dir / PLOT_NAME}")
+
+
+def _load(path: Path, device: str) -> tuple[Any, Any, Any, Any]:
+    """(model, config, deployment, device) from a checkpoint, or one line and exit 2."""
+    from pipeline import load_model, resolve_device
+
+    try:
+        torch_device = resolve_device(device)
+        model, config, deployment = load_model(path, torch_device)
+    except PipelineError as error:
+        fail(_first_line(error), EXIT_USAGE)
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        # A checkpoint of an older model: load_state_dict lists every mismatched tensor.
+        fail(f"checkpoint {path} does not fit this version of the model: {_first_line(error)}",
+             EXIT_USAGE)
+    return model, config, deployment, torch_device
+
+
+def _write_results(run_dir: Path, payload: dict[str, Any], result: Any) -> None:
+    """evaluation.json, scenes.jsonl, evaluation.csv and the plot; one line and exit 1 if not."""
+    try:
+        (run_dir / JSON_NAME).write_text(json.dumps(payload, indent=1))
+        (run_dir / SCENES_NAME).write_text(
+            "".join(json.dumps(record) + "\n" for record in result.scenes))
+        _write_csv(result.rows, run_dir / CSV_NAME)
+        _write_plot(result.rows, run_dir / PLOT_NAME)
+    except OSError as error:
+        fail(f"cannot write the results to {run_dir}: {error.strerror or error}", EXIT_INCOMPLETE)

@@ -11,6 +11,7 @@ import typer
 
 from hpo._app import app
 from hpo._common import EXIT_INCOMPLETE, JsonOption, build_config, fail, open_study
+from hpo._layout import Device
 from pipeline import PRESETS, ExperimentConfig, PipelineError
 
 PresetOption = Annotated[
@@ -24,7 +25,7 @@ EpochsOption = Annotated[
     int | None, typer.Option("--epochs", min=1, help="Shortcut for --set epochs=N.")]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Shortcut for --set seed=S.")]
 DeviceOption = Annotated[
-    str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+    Device, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
 
 
 def _format_epoch(metrics: dict, n_epochs: int) -> str:
@@ -119,7 +120,7 @@ def train(
     assignments: SetOption = None,
     epochs: EpochsOption = None,
     seed: SeedOption = None,
-    device: DeviceOption = "auto",
+    device: DeviceOption = Device.auto,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Run directory for checkpoints and metrics "
@@ -136,14 +137,64 @@ def train(
     The config is a preset, the best trial of a study (--from-best) or a JSON file (--config);
     --set, --epochs and --seed apply on top of it.
     """
-    from pipeline import (
-        apply_overrides,
-        config_to_dict,
-        reference_metrics,
-        replace,
-        resolve_device,
-    )
+    from pipeline import config_to_dict, reference_metrics, resolve_device
     from pipeline import train as run_training
+
+    config, label, run_name, source = _resolve_config(
+        preset, from_best, config_file, study, storage, assignments, epochs, seed)
+    try:
+        torch_device = resolve_device(device.value)
+    except PipelineError as error:
+        fail(str(error))
+    run_dir = out or Path("runs") / f"train-{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot create run directory {run_dir}: {error.strerror}")
+
+    def report(metrics) -> None:
+        line = _format_epoch(metrics.to_dict(), config.epochs)
+        typer.echo(line, err=as_json)
+
+    if not as_json:
+        typer.echo(f"training {label} on {torch_device} -> {run_dir}")
+    try:
+        result = run_training(config, device=torch_device, on_epoch_end=report,
+                              checkpoint_dir=run_dir)
+        refs = reference_metrics(config, torch_device) if references else None
+    except PipelineError as error:
+        fail(f"{type(error).__name__}: {error}", code=1)
+    summary = {
+        "preset": preset or (None if from_best or config_file is not None else "quick"),
+        "source": source,  # the study and trial, or the file, the config came from
+        "device": str(torch_device),
+        "final": result.final.to_dict(),
+        "best": result.best.to_dict(),
+        "history": [m.to_dict() for m in result.history],
+        "references": refs,
+        "checkpoint": str(result.checkpoint_path),
+        "config": config_to_dict(config),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    best = result.best
+    typer.echo(f"best epoch {best.epoch}: score {best.composite:.3f}, val nmse {best.val_nmse:.4f}"
+               f", success {best.success_rate:.3f}")
+    if refs:
+        for name, values in refs.items():
+            typer.echo(f"reference {name}: " + ", ".join(
+                f"{key} {value:.3f}" for key, value in values.items()))
+    typer.echo(f"checkpoint: {result.checkpoint_path}")
+
+
+def _resolve_config(preset: str | None, from_best: bool, config_file: Path | None,
+                    study: str | None, storage: str | None, assignments: list[str] | None,
+                    epochs: int | None, seed: int | None) -> tuple[ExperimentConfig, str, str, dict | None]:
+    """(config, label, run name, source) from a preset, the best trial or a file, with --set,
+    --epochs and --seed on top; one line and exit 2 if the options disagree or a value is bad."""
+    from pipeline import apply_overrides, replace
 
     if from_best and config_file is not None:
         fail("--from-best and --config both give the config; use one")
@@ -172,50 +223,9 @@ def train(
             config = apply_overrides(base, list(assignments or []))
             shortcuts = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
             config = replace(config, **shortcuts) if shortcuts else config
-        torch_device = resolve_device(device)
     except PipelineError as error:
         fail(str(error))
-    run_dir = out or Path("runs") / f"train-{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        fail(f"cannot create run directory {run_dir}: {error.strerror}")
-
-    def report(metrics) -> None:
-        line = _format_epoch(metrics.to_dict(), config.epochs)
-        typer.echo(line, err=as_json)
-
-    if not as_json:
-        typer.echo(f"training {label} on {torch_device} -> {run_dir}")
-    try:
-        result = run_training(config, device=torch_device, on_epoch_end=report,
-                              checkpoint_dir=run_dir)
-        refs = reference_metrics(config, torch_device) if references else None
-    except PipelineError as error:
-        fail(f"{type(error).__name__}: {error}", code=1)
-    summary = {
-        "preset": preset,
-        "source": source,  # the study and trial, or the file, the config came from
-        "device": str(torch_device),
-        "final": result.final.to_dict(),
-        "best": result.best.to_dict(),
-        "history": [m.to_dict() for m in result.history],
-        "references": refs,
-        "checkpoint": str(result.checkpoint_path),
-        "config": config_to_dict(config),
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    if as_json:
-        typer.echo(json.dumps(summary))
-        return
-    best = result.best
-    typer.echo(f"best epoch {best.epoch}: score {best.composite:.3f}, val nmse {best.val_nmse:.4f}"
-               f", success {best.success_rate:.3f}")
-    if refs:
-        for name, values in refs.items():
-            typer.echo(f"reference {name}: " + ", ".join(
-                f"{key} {value:.3f}" for key, value in values.items()))
-    typer.echo(f"checkpoint: {result.checkpoint_path}")
+    return config, label, run_name, source
 
 
 @app.command()
@@ -223,7 +233,7 @@ def diagnose(
     preset: PresetOption = "full",
     assignments: SetOption = None,
     seed: SeedOption = None,
-    device: DeviceOption = "auto",
+    device: DeviceOption = Device.auto,
     as_json: JsonOption = False,
 ) -> None:
     """Print the scale table behind the four normalization fixes on one batch."""
@@ -231,7 +241,7 @@ def diagnose(
 
     try:
         config = build_config(preset, assignments, seed=seed)
-        report = scale_report(config, resolve_device(device))
+        report = scale_report(config, resolve_device(device.value))
     except PipelineError as error:
         fail(str(error))
     if as_json:

@@ -26,7 +26,7 @@ class WorkerSlot:
 
 
 # CPU default: one single-threaded worker per core. Measured on the 2-core machine (quick preset,
-# 16 trials of 2 epochs, bench/overhead.py): 2 workers x 1 thread 42.9 s, 1 worker x 2 threads
+# 16 trials of 2 epochs, python -m bench overhead): 2 workers x 1 thread 42.9 s, 1 worker x 2 threads
 # 59.8 s; the small per-scene operations of a trial scale better across processes than across
 # threads. Capped so that a many-core host does not start dozens of ~0.5 GB processes unasked.
 CPU_WORKERS_MAX = 8

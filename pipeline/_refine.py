@@ -13,7 +13,7 @@ from pipeline._grid import MusicGrid
 # the first at half the coarse step, i.e. +-1/2 coarse step: the coarse peak's own cell. A 5-point
 # first round (+-1 coarse step) found the same peaks (success within 0.5 % on 300 scenes, R_true
 # and R_samp, quick and full) at 2-2.5x the cost; a third 3-point round buys more accuracy than
-# it did, for less (bench/localize.py).
+# it did, for less (python -m bench localize).
 _FIRST_ROUND_POINTS = 3
 _LATER_ROUND_POINTS = 3
 

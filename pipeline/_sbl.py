@@ -52,7 +52,7 @@ _STENCIL_POINTS = 3
 
 @dataclass(frozen=True, kw_only=True)
 class SblSettings:
-    """Knobs of coded SBL; defaults chosen on validation scenes (bench/sbl_tune.py, RESULTS.md)."""
+    """Knobs of coded SBL; defaults chosen on validation scenes (python -m bench sbl_tune, RESULTS.md)."""
 
     grid_step_deg: float = 3.0  # azimuth and elevation spacing of the SBL grid, degrees
     n_grid_range: int = 6  # SBL grid points in inverse range
@@ -428,7 +428,7 @@ def _count(state: _State, y: torch.Tensor, deployment: Deployment, grid: MusicGr
     drops down to one source and each stage is appended as (state, weakest gain (b,),
     log10(P / sigma^2) (b,)): a scene's count under any threshold is then its first stage whose
     weakest gain clears it, the state this function returns for that threshold (a stopped
-    scene is not touched again, and scenes do not interact). bench/sbl_tune.py tunes so.
+    scene is not touched again, and scenes do not interact). python -m bench sbl_tune tunes so.
     """
     points, power, active, noise = state.points, state.power, state.active, state.noise
     total = squared_magnitude(y).mean(dim=(1, 2))

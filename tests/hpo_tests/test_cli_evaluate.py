@@ -156,7 +156,7 @@ def test_bad_input_is_one_line(checkpoint: Path, tmp_path: Path) -> None:
                                  str(tmp_path / "o1")), "cannot read checkpoint")
     assert not (tmp_path / "o1").exists()  # nothing made for a run that cannot start
     assert_one_line_error(invoke("evaluate", "--checkpoint", str(checkpoint), "--scenes", "0"),
-                          "--scenes must be >= 1")
+                          "'--scenes': Input should be greater than or equal to 1, but got 0")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert_one_line_error(invoke("evaluate", "--checkpoint", str(checkpoint), "--out",

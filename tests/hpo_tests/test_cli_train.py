@@ -74,7 +74,7 @@ def test_train_prints_one_line_per_epoch(tmp_path):
     (("train", "--preset", "smoke", "--set", "beta=2"), "beta must be in [0, 1]"),
     (("train", "--preset", "smoke", "--set", "lr"), "field=value"),
     (("train", "--preset", "smoke", "--device", "cuda"), "CUDA is not available"),
-    (("train", "--preset", "smoke", "--device", "tpu"), "device must be auto, cpu or cuda"),
+    (("train", "--preset", "smoke", "--device", "tpu"), "'--device': 'tpu' is not one of 'auto', 'cpu', 'cuda'"),
     (("diagnose", "--preset", "nope"), "unknown preset 'nope'"),
 ])
 def test_bad_input_is_one_line_exit_2_no_traceback(args, fragment, tmp_path):

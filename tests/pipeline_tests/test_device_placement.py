@@ -84,7 +84,7 @@ def test_the_check_catches_a_tensor_made_without_a_device():
 
 
 def test_localizing_a_scene_makes_no_tensor_on_the_default_device():
-    # What bench/localize.py and `hpo evaluate` run: the covariances, MDL's count, MUSIC with
+    # What python -m bench localize and `hpo evaluate` run: the covariances, MDL's count, MUSIC with
     # refinement, and the metrics.
     _clear_device_caches()
     config = preset("smoke")

@@ -140,7 +140,7 @@ def test_a_batch_equals_its_scenes_one_at_a_time(high_snr: SceneBatch,
 
 
 def test_a_threshold_stops_the_drop_path_where_the_count_stops(deployment: Deployment) -> None:
-    """bench/sbl_tune.py scores every count threshold from one drop path; that must be what
+    """python -m bench sbl_tune scores every count threshold from one drop path; that must be what
     the count itself returns for each threshold."""
     from pipeline._grid import music_grid
     from pipeline._sbl import _candidates, _count, _stop_path
