@@ -358,3 +358,51 @@ def test_nodes_creating_one_study_together_with_other_settings_agree_on_one(stor
     assert all("was created with epochs" in o for o in outcomes if isinstance(o, str))
     stored = optuna.load_study(study_name=name, storage=storages[0]).user_attrs["hpo_settings"]
     assert stored["epochs"] == 2 + winners[0]
+
+
+def test_the_claim_reads_the_budget_from_the_store_each_time(tmp_path):
+    # The budget lives in the study alone: a node that raises it (hpo run --trials N on another
+    # node) lets every worker's next claim go on, and lowering it stops them, with no restart.
+    from hpo._attrs import ATTR_BUDGET
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'budget.db'}")
+    study = create_or_load_study(storage, "budget", SETTINGS, budget=1)
+    first = claim_trial(study)
+    assert first is not None and claim_trial(study) is None
+    study.set_user_attr(ATTR_BUDGET, 3)
+    assert claim_trial(study) is not None
+    study.set_user_attr(ATTR_BUDGET, 2)
+    assert claim_trial(study) is None
+
+
+def test_a_worker_runs_what_the_study_holds_not_what_its_argv_says(tmp_path, monkeypatch):
+    # The worker's argv carries only its own part (device, seed, checkpoints); the config, the
+    # space, the pruner and the sampler come from the study's spec in the store.
+    import os
+
+    from hpo._search_space import default_space
+    from hpo._studies import StudySpec, read_plan
+    from hpo._worker import WorkerSpec
+    from hpo._worker_loop import WorkerLoop
+    from pipeline import config_to_dict, preset, replace
+
+    url = f"sqlite:///{tmp_path / 'plan.db'}"
+    base = replace(preset("smoke"), epochs=1, n_train=64, n_val=32)
+    space = default_space(base).to_dict()
+    space["lr"] = {"kind": "Fixed", "value": 0.0025}  # a value no preset has
+    plan = StudySpec(config=config_to_dict(base), space=space, pruner="none",
+                     reduction_factor=3, sampler="random")  # fmt: skip
+    settings = StudySettings(preset="smoke", objective="nmse", direction="minimize", epochs=1)
+    study = create_or_load_study(open_storage(url), "plan", settings, budget=1, spec=plan)
+    assert read_plan(open_storage(url), "plan") == (settings, plan)
+    monkeypatch.setenv("HPO_STORAGE", url)
+    worker = WorkerLoop(WorkerSpec(study="plan", sampler_seed=0, device="cpu", threads=1,
+                                   index=0, parent_pid=os.getpid()))  # fmt: skip
+    assert worker.loop() == 0
+    (trial,) = optuna.load_study(study_name="plan", storage=url).get_trials()
+    assert trial.state == TrialState.COMPLETE
+    stored = trial.user_attrs["config"]
+    assert stored["lr"] == 0.0025 and stored["n_train"] == 64 and stored["epochs"] == 1
+    assert trial.user_attrs["pruner"] == "none"
+    assert trial.value == trial.user_attrs["metrics"]["val_nmse"]  # the study's objective
+    assert study.user_attrs["hpo_budget"] == 1
