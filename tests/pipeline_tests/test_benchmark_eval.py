@@ -88,6 +88,10 @@ def test_mcnemar_exact_is_the_two_sided_binomial_on_discordant_pairs() -> None:
     assert mcnemar_exact(9, 1) == pytest.approx(2 * 11 / 1024)
     assert mcnemar_exact(3, 3) == 1.0
     assert mcnemar_exact(1, 9) == mcnemar_exact(9, 1)
+    # Past 1,023 discordant pairs (2.0 ** n overflows a float), still a probability:
+    assert mcnemar_exact(600, 600) == 1.0
+    assert 0.0 <= mcnemar_exact(7, 1190) < 1e-300
+    assert mcnemar_exact(480, 620) == pytest.approx(2.7131381093e-5, rel=1e-9)  # scipy binomtest
     learned = torch.tensor([True, True, False, True, False]).numpy()
     other = torch.tensor([False, True, False, False, True]).numpy()
     (test,) = paired_tests({"learned": learned, "sbl": other}, classical=("sbl",))
