@@ -249,10 +249,15 @@ class BudgetState:
 
     @property
     def claimable(self) -> bool:
-        """A claim could succeed now: a slot is free, or a re-queued trial waits for one."""
-        return self.counts.used < self.budget or self.counts.waiting > 0
+        """A claim could succeed now: a slot of the budget is free (a re-queued trial frees the
+        slot of the FAIL it replaces, which stops counting). Exactly the claim's own test."""
+        return self.counts.used < self.budget
 
 
-def budget_state(study: optuna.Study) -> BudgetState:
-    """The study's counts and its budget (0 when none is set), read from the store."""
-    return BudgetState(count_trials(study.get_trials(deepcopy=False)), study_budget(study) or 0)
+def budget_state(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
+                 ) -> BudgetState:
+    """The study's counts (of `trials`, if already read) and its budget (0 when none is set),
+    read from the store."""
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
+    return BudgetState(count_trials(trials), study_budget(study) or 0)

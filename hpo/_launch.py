@@ -36,7 +36,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo._attrs import ATTR_WORKER_PID
-from hpo._budget import BudgetState, StudyCounts, budget_state, count_trials, deadline_passed
+from hpo._budget import BudgetState, StudyCounts, budget_state, deadline_passed
 from hpo._checkpoints import prune_checkpoints_or_warn
 from hpo._layout import WorkerSlot
 from hpo._processes import (
@@ -176,9 +176,10 @@ class Launcher:
         trials = self.retry(
             lambda: self.study.get_trials(deepcopy=False), "reading the study's trials"
         )
+        state = self.retry(lambda: budget_state(self.study, trials), "reading the budget")
         return LaunchResult(
-            counts=count_trials(trials),
-            budget=self._budget().budget,
+            counts=state.counts,
+            budget=state.budget,
             elapsed_s=time.monotonic() - started,
             interrupted=bool(self._signals),
             gave_up=gave_up,

@@ -41,8 +41,8 @@ class Progress:
             return
         self._last_print = now
         try:
-            state = budget_state(study)
-            trials = study.get_trials(deepcopy=False)  # cached by Optuna: no second query
+            trials = study.get_trials(deepcopy=False)
+            state = budget_state(study, trials)
         except Exception:  # noqa: BLE001  (the store is away: the next poll shows progress)
             return
         line = format_progress(

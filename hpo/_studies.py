@@ -171,14 +171,6 @@ def study_settings(study: optuna.Study) -> StudySettings | None:
     return StudySettings.from_attrs(data) if data else None
 
 
-def study_spec(study: optuna.Study) -> StudySpec:
-    """What the study's workers run; StudyError if no `hpo run` has recorded it."""
-    data = study.user_attrs.get(ATTR_SPEC)
-    if not data:
-        raise StudyError(f"study {study.study_name!r} has no specification; start it with hpo run")
-    return StudySpec.from_attrs(data)
-
-
 def direction_of(study: optuna.Study) -> str:
     """The direction the study optimises: its settings', or Optuna's for one not made by
     `hpo run`."""

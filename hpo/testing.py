@@ -138,11 +138,6 @@ def finish(node: subprocess.Popen[str], timeout_s: float) -> tuple[int, str, str
     return node.returncode, out, err
 
 
-def worker_logs(*dirs: Path) -> str:
-    """Every worker log under each node directory's runs/, joined."""
-    return "\n".join(p.read_text() for d in dirs for p in (d / "runs").rglob("*.log"))
-
-
 def mid_trial(min_epoch: int, max_epoch: int) -> Callable[[list[FrozenTrial]], FrozenTrial | None]:
     """A RUNNING trial that has reported (so checkpointed) between min and max epochs."""
 
