@@ -406,3 +406,24 @@ def test_a_worker_runs_what_the_study_holds_not_what_its_argv_says(tmp_path, mon
     assert trial.user_attrs["pruner"] == "none"
     assert trial.value == trial.user_attrs["metrics"]["val_nmse"]  # the study's objective
     assert study.user_attrs["hpo_budget"] == 1
+
+
+def test_the_launcher_sees_a_slot_exactly_when_a_claim_can_take_it(tmp_path):
+    # budget_state.claimable is what the launcher starts workers on: it must agree with the
+    # claim, also when a lowered budget leaves a re-queued trial waiting (no slot for it).
+    from hpo._attrs import ATTR_BUDGET
+    from hpo._budget import budget_state
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'slots.db'}")
+    study = create_or_load_study(storage, "slots", SETTINGS, budget=2)
+    first, second = claim_trial(study), claim_trial(study)
+    assert not budget_state(study).claimable and claim_trial(study) is None
+    assert fail_trial(study, trial_id(first), "interrupted", requeue=True)
+    state = budget_state(study)
+    assert state.counts.waiting == 1 and state.claimable  # the retry has the FAIL's slot
+    study.set_user_attr(ATTR_BUDGET, 1)  # another node lowers the budget
+    state = budget_state(study)
+    assert state.counts.waiting == 1 and not state.claimable
+    assert claim_trial(study) is None
+    study.tell(second, 1.0)
+    assert budget_state(study).met
