@@ -65,7 +65,9 @@ _NODE = textwrap.dedent(
                 trial_id(trial), TrialState.COMPLETE, [float(trial.number)]), "completing")
         except UpdateFinishedTrialError:
             pass  # an attempt that committed before its connection died, or a voided claim
-        if storage.get_trial(trial_id(trial)).state == TrialState.COMPLETE:
+        # Read through the retry too: the killer may stop the server right now.
+        state = retry(lambda: storage.get_trial(trial_id(trial)).state, "reading back")
+        if state == TrialState.COMPLETE:
             done.append(trial.number)
         else:
             dropped.append(trial.number)
