@@ -44,6 +44,7 @@ from pipeline._metrics import (
     matched_errors,
     scene_success,
 )
+from pipeline._model import music_seeds
 from pipeline._music import music_localize
 from pipeline._physics import Deployment
 from pipeline._pursuit import matching_pursuit
@@ -153,6 +154,7 @@ def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment:
         k_head = (output.k_logits.argmax(-1) + 1).clamp(1, config.max_sources)
         k_mdl = mdl_estimate(r_samp, config.n_snapshots, max_sources=config.max_sources)
         seconds["model"] += time.perf_counter() - tick
+        seeds = music_seeds(model, output)
         inputs = {"learned": (r_blend, k_head), "samp": (r_samp, k_mdl),
                   "pursuit": (batch.measurements, k_mdl), "sbl": (batch.measurements, None),
                   "oracle": (r_true, batch.n_sources)}
@@ -164,7 +166,8 @@ def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment:
                 found[name].append(sparse_bayesian_learning(data, deployment, config))
                 k_hat = found[name][-1].n_sources  # its own count
             else:
-                found[name].append(music_localize(data, k_hat, deployment, config))
+                found[name].append(music_localize(data, k_hat, deployment, config,
+                                                  seeds=seeds if name == "learned" else None))
             counts[name].append(k_hat.clamp(1, config.max_sources))
             seconds[name] += time.perf_counter() - tick
         tick = time.perf_counter()

@@ -50,6 +50,7 @@ class ExperimentConfig:
     fresh_train: bool = True  # True: new training scenes every epoch; False: one fixed set
 
     # --- model ---
+    model: str = "grid"  # "grid": detection-map network; "sbl_count": SBL front end + count net
     cov_head: str = "manifold"  # "manifold": F from predicted steering vectors; "free": free factor
     factor_rank: int = 8  # columns of the free factor F (cov_head="free")
     n_grid_azimuth: int = 25  # feature grid of the matched-filter spectrum, azimuth points
@@ -107,6 +108,7 @@ class ExperimentConfig:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "model": ("grid", "sbl_count"),
     "cov_head": ("manifold", "free"),
     "amp_dtype": ("float16", "bfloat16"),
 }
@@ -145,6 +147,9 @@ def validate(config: ExperimentConfig) -> None:
     grid_points = config.n_grid_range * config.n_grid_elevation * config.n_grid_azimuth
     if grid_points < config.max_sources:
         raise ConfigError(f"the feature grid has {grid_points} cells, fewer than max_sources")
+    if config.model == "sbl_count" and config.fresh_train:
+        raise ConfigError("model sbl_count trains on one fixed set (its SBL front end is computed "
+                          "once per scene): set fresh_train=false")
     if config.range_max_m <= config.range_min_m:
         raise ConfigError(
             f"range_max_m must exceed range_min_m, but got {config.range_max_m!r} <= "
@@ -167,19 +172,24 @@ PRESETS: dict[str, ExperimentConfig] = {
         model_depth=2,
         music_grid_azimuth=25, music_grid_elevation=13, music_grid_range=5, n_val_localize=32,
     ),
-    # The CPU search: a reduced system (8 x 8 RIS, M = 8, L = 8, K <= 3) and network, sized so
-    # that README's `hpo run --trials 200 --preset quick` fits 15 minutes on a 2-core machine.
+    # The CPU search: a reduced system (8 x 8 RIS, M = 8, L = 8, K <= 3), the SBL count network
+    # (pipeline._sbl_net) on one fixed set whose SBL front end the study computes once (about a
+    # minute) and every trial shares; sized so that README's `hpo run --trials 200 --preset
+    # quick` fits 15 minutes on a 2-core machine.
     "quick": ExperimentConfig(
         n_ris_rows=8, n_ris_cols=8, n_bs_antennas=8, n_snapshots=8, max_sources=3,
-        range_max_m=4.0, n_train=640, n_val=128, epochs=8,
-        n_grid_azimuth=19, n_grid_elevation=9, n_grid_range=4, conv_channels=16, model_width=64,
-        model_depth=2,
-        music_grid_azimuth=37, music_grid_elevation=19, music_grid_range=7, n_val_localize=128,
+        range_max_m=4.0, n_train=2_000, n_val=300, epochs=5, fresh_train=False,
+        model="sbl_count", model_width=64, model_depth=2, lr=3e-3, lam_aux=0.0, lam_det=0.0,
+        beta=0.05, n_grid_azimuth=19, n_grid_elevation=9, n_grid_range=4, conv_channels=16,
+        music_grid_azimuth=37, music_grid_elevation=19, music_grid_range=7, n_val_localize=300,
     ),
     # One CPU training run at the real array size (N = 144, M = 16, L = 16, K <= 5) within the
-    # resolvable range: minutes on a CPU (RESULTS.md).
+    # resolvable range: the SBL count network on 4,000 fixed scenes, about 10 minutes on a 2-core
+    # CPU, most of it the SBL front end (RESULTS.md).
     "medium": ExperimentConfig(
-        range_max_m=4.0, n_train=3_000, n_val=300, epochs=10, n_val_localize=300,
+        range_max_m=4.0, n_train=4_000, n_val=300, epochs=6, n_val_localize=300,
+        fresh_train=False, model="sbl_count", model_width=64, model_depth=2, lr=3e-3,
+        lam_aux=0.0, lam_det=0.0, beta=0.05,
     ),
     # The system at its real size (SYSTEM.md §6 defaults).
     "full": ExperimentConfig(),

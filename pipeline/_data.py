@@ -34,6 +34,7 @@ class SceneBatch:
     azimuth_rad, elevation_rad, range_m, power: (B, K_max) float32 (power linear, 0 when masked).
     steering: (B, K_max, N) complex64, zero where masked.
     snr_db: (B,) float32, the SNR that was simulated.
+    frontend: (B, D) float32, the packed SBL front end of model sbl_count, or None.
     """
 
     measurements: torch.Tensor
@@ -46,18 +47,23 @@ class SceneBatch:
     power: torch.Tensor
     steering: torch.Tensor
     snr_db: torch.Tensor
+    frontend: torch.Tensor | None = None  # (B, D) packed SBL front end (pipeline._frontend)
 
     @property
     def size(self) -> int:
         return self.n_sources.shape[0]
 
     def select(self, index: slice | torch.Tensor) -> SceneBatch:
-        return SceneBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return SceneBatch(**{f.name: None if getattr(self, f.name) is None
+                             else getattr(self, f.name)[index] for f in fields(self)})
 
     @staticmethod
     def concat(batches: list[SceneBatch]) -> SceneBatch:
-        return SceneBatch(**{f.name: torch.cat([getattr(b, f.name) for b in batches])
-                             for f in fields(SceneBatch)})
+        def joined(name: str) -> torch.Tensor | None:
+            parts = [getattr(b, name) for b in batches]
+            return None if any(part is None for part in parts) else torch.cat(parts)
+
+        return SceneBatch(**{f.name: joined(f.name) for f in fields(SceneBatch)})
 
 
 def _draw_sources(config: ExperimentConfig, batch: int, rng: torch.Generator

@@ -47,6 +47,21 @@ class Localization:
         """(B, K_max, 3) float32: azimuth rad, elevation rad, range m."""
         return torch.stack([self.azimuth_rad, self.elevation_rad, self.range_m], dim=-1)
 
+    def select(self, index: slice | torch.Tensor) -> Localization:
+        return Localization(self.azimuth_rad[index], self.elevation_rad[index],
+                            self.range_m[index], self.mask[index], self.score[index])
+
+    @staticmethod
+    def cat(parts: list[Localization]) -> Localization:
+        return Localization(*(torch.cat([getattr(p, name) for p in parts]) for name in
+                              ("azimuth_rad", "elevation_rad", "range_m", "mask", "score")))
+
+    def points(self) -> torch.Tensor:
+        """(B, K_max, 3) float32 in the search grids' coordinates: azimuth rad, elevation rad,
+        1 / range (1/m); 0 in masked slots."""
+        inverse = torch.where(self.mask, 1.0 / self.range_m.clamp_min(1e-6), 0.0)
+        return torch.stack([self.azimuth_rad, self.elevation_rad, inverse], dim=-1)
+
     @staticmethod
     def from_batch(batch: SceneBatch) -> Localization:
         """The true sources of a batch as a Localization."""

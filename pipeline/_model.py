@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from pipeline._config import ExperimentConfig
 from pipeline._grid import Grid
+from pipeline._metrics import Localization
 from pipeline._physics import Deployment, steering_vectors
 
 _MIN_WEIGHT = 1e-8  # floor of a slot's weight under the square root of the factor
@@ -168,8 +169,10 @@ class CovarianceNet(nn.Module):
         nn.init.constant_(self.detect.bias[:n_range], -4.6)
         nn.init.zeros_(self.detect.bias[n_range:])
 
-    def forward(self, measurements: torch.Tensor, fields: torch.Tensor) -> ModelOutput:
-        """measurements: (B, L, M) complex64; fields: (B, L, N) complex64 (from SceneBatch)."""
+    def forward(self, measurements: torch.Tensor, fields: torch.Tensor,
+                frontend: torch.Tensor | None = None) -> ModelOutput:
+        """measurements: (B, L, M) complex64; fields: (B, L, N) complex64 (from SceneBatch);
+        frontend: unused (model sbl_count's precomputed input)."""
         n_range, n_el, n_az = self.grid.shape
         music, profile = self.subspace(fields)
         features = torch.cat([self.spectrum(measurements), music], dim=1)
@@ -238,9 +241,22 @@ class CovarianceNet(nn.Module):
                 1.0 / inverse_range, weight, peak_logits)
 
 
-def build_model(config: ExperimentConfig, deployment: Deployment) -> CovarianceNet:
-    """The network for `config`, on the deployment's device."""
+def build_model(config: ExperimentConfig, deployment: Deployment) -> nn.Module:
+    """The network of `config.model`, on the deployment's device: the detection-map network
+    ("grid", this module) or the SBL count network ("sbl_count", `pipeline._sbl_net`)."""
+    if config.model == "sbl_count":
+        from pipeline._sbl_net import SblCountNet  # it builds on this module's ModelOutput
+
+        return SblCountNet(config, deployment).to(deployment.operator.device)
     return CovarianceNet(config, deployment).to(deployment.operator.device)
+
+
+def music_seeds(model: nn.Module, output: ModelOutput) -> Localization | None:
+    """The positions MUSIC on R_blend starts from besides its grid: the SBL count network's own
+    sources (MUSIC then gives them back where R_blend peaks there); None for the grid network,
+    whose slots are its map's peaks and which MUSIC searches from scratch."""
+    localization = getattr(model, "localization", None)
+    return localization(output) if localization is not None else None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -111,7 +111,8 @@ def music_spectrum(covariance: torch.Tensor, n_sources: torch.Tensor, deployment
 
 
 def _localize_chunk(covariance: torch.Tensor, n_sources: torch.Tensor, deployment: Deployment,
-                    grid: MusicGrid, k_max: int, n_extra: int, n_rounds: int
+                    grid: MusicGrid, k_max: int, n_extra: int, n_rounds: int,
+                    seeds: tuple[torch.Tensor, torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MUSIC on one chunk: (b, k_max, 3) points, (b, k_max) score, (b, k_max) bool mask."""
     device = covariance.device
@@ -130,6 +131,15 @@ def _localize_chunk(covariance: torch.Tensor, n_sources: torch.Tensor, deploymen
     centres = grid.point_at(flat)  # (b, C, 3)
     rank = torch.arange(n_slots, device=device)[None, :]
     refine = (values >= 0.0) & (rank < (n_sources[:, None] + n_extra)) & (n_sources[:, None] > 0)
+    if seeds is not None:  # more starting points, refined and ranked like the grid's own
+        seed_points, seed_mask = seeds
+        seed_values = torch.where(seed_mask, _score_points(seed_points, subspace, deployment),
+                                  -1.0)
+        centres = torch.cat([seed_points.to(centres.dtype), centres], 1)
+        values = torch.cat([seed_values, values], 1)
+        refine = torch.cat([seed_mask & (n_sources[:, None] > 0), refine], 1)
+        n_slots = centres.shape[1]
+        rank = torch.arange(n_slots, device=device)[None, :]
 
     # Refinement of the chosen candidates only, all of the chunk at once.
     scene_index, slot_index = refine.nonzero(as_tuple=True)
@@ -163,7 +173,8 @@ def _rows(covariance: torch.Tensor | LowRank, part: slice) -> torch.Tensor | Low
 
 def music_localize(covariance: torch.Tensor | LowRank, n_sources: torch.Tensor,
                    deployment: Deployment, config: ExperimentConfig, *, chunk_size: int = 64,
-                   n_extra_candidates: int = 3) -> Localization:
+                   n_extra_candidates: int = 3, seeds: Localization | None = None
+                   ) -> Localization:
     """MUSIC localization of K_hat sources per scene (SYSTEM.md §5), on the covariance's device.
 
     covariance: (B, N, N) complex (Hermitian; any scale) or a `LowRank`. n_sources: (B,) int,
@@ -171,7 +182,10 @@ def music_localize(covariance: torch.Tensor | LowRank, n_sources: torch.Tensor,
     K_max = config.max_sources slots, the first K_hat valid (fewer only if the spectrum has fewer
     local maxima), strongest peak first. Scenes are processed `chunk_size` at a time to bound
     memory; `n_extra_candidates` peaks beyond K_max are refined too, so that a true source whose
-    coarse peak ranks just below a sidelobe is still found.
+    coarse peak ranks just below a sidelobe is still found. `seeds` (a Localization of the same
+    scenes, e.g. a model's own positions) adds its valid sources as starting points beside the
+    grid's peaks: refined and ranked by the spectrum like them, so MUSIC keeps a seed only where
+    the covariance peaks there, and finds a peak the coarse grid merges with a neighbour.
     """
     if isinstance(covariance, LowRank):
         device, n_scenes = covariance.factor.device, len(covariance)
@@ -188,9 +202,12 @@ def music_localize(covariance: torch.Tensor | LowRank, n_sources: torch.Tensor,
     with torch.no_grad():
         for start in range(0, n_scenes, chunk_size):
             part = slice(start, start + chunk_size)
+            chunk_seeds = None
+            if seeds is not None:
+                chunk_seeds = (seeds.points()[part].to(device), seeds.mask[part].to(device))
             chunk_points, chunk_score, chunk_mask = _localize_chunk(
                 _rows(covariance, part), n_sources[part], deployment, grid, k_max,
-                n_extra_candidates, config.music_refine_steps,
+                n_extra_candidates, config.music_refine_steps, chunk_seeds,
             )
             points.append(chunk_points)
             scores.append(chunk_score)
@@ -199,14 +216,15 @@ def music_localize(covariance: torch.Tensor | LowRank, n_sources: torch.Tensor,
 
 
 def evaluate_covariances(covariance: torch.Tensor | LowRank, n_sources_hat: torch.Tensor,
-                         batch: SceneBatch, deployment: Deployment, config: ExperimentConfig
-                         ) -> dict[str, float]:
+                         batch: SceneBatch, deployment: Deployment, config: ExperimentConfig,
+                         *, seeds: Localization | None = None) -> dict[str, float]:
     """MUSIC on `covariance` with K_hat sources, scored against the batch's true sources.
 
     covariance: (B, N, N) complex or a `LowRank`, e.g. R_blend. config.diag_loading * I is added
     first (loading is inference-only, SYSTEM.md §3; it shifts every eigenvalue equally, so it
     leaves MUSIC's eigenvectors unchanged and only matters to eigenvalue-based steps).
-    n_sources_hat: (B,) int, clipped to 1..K_max. Returns `localization_metrics`.
+    n_sources_hat: (B,) int, clipped to 1..K_max. `seeds`: as `music_localize`'s.
+    Returns `localization_metrics`.
     """
     if isinstance(covariance, LowRank):
         covariance = covariance.with_loading(config.diag_loading)
@@ -220,5 +238,5 @@ def evaluate_covariances(covariance: torch.Tensor | LowRank, n_sources_hat: torc
         device = covariance.device
     k_hat = n_sources_hat.to(device=device, dtype=torch.long)
     k_hat = k_hat.clamp(1, config.max_sources)
-    localization = music_localize(covariance, k_hat, deployment, config)
+    localization = music_localize(covariance, k_hat, deployment, config, seeds=seeds)
     return localization_metrics(localization, batch, k_hat, config=config)

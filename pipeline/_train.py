@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,10 @@ from pipeline import _covariance as cov
 from pipeline._config import ExperimentConfig, config_from_dict, config_to_dict
 from pipeline._data import SceneBatch, iterate_batches, load_split
 from pipeline._errors import CheckpointError, ConfigError, NumericalError
+from pipeline._frontend import with_front_end
 from pipeline._losses import TERMS, compute_loss
-from pipeline._model import CovarianceNet, build_model
+from pipeline._metrics import Localization
+from pipeline._model import CovarianceNet, build_model, music_seeds
 from pipeline._music import evaluate_covariances
 from pipeline._physics import Deployment
 
@@ -214,7 +216,7 @@ class TrainStep:
         is a context around that part of the step (a profiler's timers; none by default)."""
         model, config, optimizer, scaler = self.model, self.config, self.optimizer, self.scaler
         with phase("forward"), _autocast(config, self.device):
-            output = model(batch.measurements, batch.fields)
+            output = model(batch.measurements, batch.fields, batch.frontend)
         with phase("loss"):
             terms, _ = compute_loss(output, batch, config)
             total = terms.total
@@ -251,14 +253,38 @@ class TrainStep:
 def _train_epoch(model: CovarianceNet, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler,
                  config: ExperimentConfig, deployment: Deployment, device: torch.device,
-                 epoch: int) -> dict[str, float]:
+                 epoch: int, fixed: SceneBatch | None = None) -> dict[str, float]:
     step = TrainStep(model, config, device=device, optimizer=optimizer, scheduler=scheduler,
                      scaler=scaler)
     step.begin_epoch(epoch)
-    for batch in iterate_batches(config, deployment, "train", config.n_train, config.batch_size,
-                                 epoch=epoch):
+    for batch in _epoch_batches(config, deployment, epoch, fixed):
         step(batch)
     return step.end_epoch()
+
+
+def _epoch_batches(config: ExperimentConfig, deployment: Deployment, epoch: int,
+                   fixed: SceneBatch | None) -> Iterator[SceneBatch]:
+    """The epoch's batches: drawn by `iterate_batches`, or a fresh shuffle of a fixed set."""
+    if fixed is None:
+        yield from iterate_batches(config, deployment, "train", config.n_train,
+                                   config.batch_size, epoch=epoch)
+        return
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    order = torch.randperm(fixed.size, generator=generator).to(fixed.n_sources.device)
+    for start in range(0, fixed.size, config.batch_size):
+        yield fixed.select(order[start:start + config.batch_size])
+
+
+def _fixed_sets(config: ExperimentConfig, deployment: Deployment
+                ) -> tuple[SceneBatch | None, SceneBatch]:
+    """(the fixed training set, or None to draw batches per epoch; the validation set). Model
+    sbl_count's sets carry their front end, computed once per scene and cached."""
+    val = load_split(config, deployment, "val", config.n_val)
+    if config.model != "sbl_count":
+        return None, val
+    train_set = load_split(config, deployment, "train", config.n_train)
+    return (with_front_end(train_set, deployment, config, "train"),
+            with_front_end(val, deployment, config, "val"))
 
 
 @torch.no_grad()
@@ -269,23 +295,25 @@ def validate(model: CovarianceNet, val: SceneBatch, config: ExperimentConfig,
     model.eval()
     device = val.fields.device
     totals = torch.zeros(2, device=device)
-    blends, k_hats = [], []
+    blends, k_hats, seeds = [], [], []
     for start in range(0, val.size, _VAL_CHUNK):
         chunk = val.select(slice(start, start + _VAL_CHUNK))
         with _autocast(config, device):
-            output = model(chunk.measurements, chunk.fields)
+            output = model(chunk.measurements, chunk.fields, chunk.frontend)
         terms, mats = compute_loss(output, chunk, config)
         size = chunk.size
         totals += torch.stack([terms.total * size, terms.cov * size])
         k_hats.append(output.k_logits.argmax(-1) + 1)
         if start < config.n_val_localize:
             blends.append(mats.blend.detach())
+            seeds.append(music_seeds(model, output))
     k_hat = torch.cat(k_hats)
     n_localize = min(config.n_val_localize, val.size)
     located = val.select(slice(0, n_localize))
+    seed = None if seeds[0] is None else Localization.cat(seeds).select(slice(0, n_localize))
     metrics = evaluate_covariances(cov.LowRank.cat(blends).select(slice(0, n_localize)),
                                    k_hat[:n_localize], located,
-                                   deployment, config)
+                                   deployment, config, seeds=seed)
     val_loss, val_nmse = (totals / val.size).tolist()
     return {"val_loss": val_loss, "val_nmse": val_nmse, **metrics}
 
@@ -390,12 +418,12 @@ def train(config: ExperimentConfig, *, device: torch.device,
         start_epoch = state["epoch"] + 1
     resumed_from = start_epoch - 1
 
-    val = load_split(config, deployment, "val", config.n_val)
+    fixed, val = _fixed_sets(config, deployment)
     last_save = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
         train_terms = _train_epoch(model, optimizer, scheduler, scaler, config, deployment,
-                                   device, epoch)
+                                   device, epoch, fixed)
         val_metrics = validate(model, val, config, deployment)
         metrics = _epoch_metrics(epoch, train_terms, val_metrics, scheduler.get_last_lr()[0],
                                  time.perf_counter() - started)

@@ -1,8 +1,10 @@
 """Suite-wide fixtures: the real PostgreSQL server and the stores the tests run on; tests marked
-`gpu` need CUDA and are skipped without it."""
+`gpu` need CUDA and are skipped without it. The SBL front-end cache of the whole session lives in
+a temporary directory (never the user's ~/.cache)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +20,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _front_end_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test (and every worker process it starts) caches SBL front ends in a session
+    directory."""
+    from pipeline._frontend import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("frontend-cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")

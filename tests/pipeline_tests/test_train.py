@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline import NumericalError, preset
+from pipeline import NumericalError, preset, replace
 from pipeline._data import generate_scenes
 from pipeline._losses import compute_loss
 from pipeline._model import build_model
@@ -180,7 +180,7 @@ def test_subspace_features_from_the_gram_matrix_equal_the_full_eigh():
     # straightforward N x N eigendecomposition of R_samp in double precision.
     from pipeline import _covariance as cov
 
-    config = preset("medium")
+    config = replace(preset("medium"), model="grid")
     deployment = Deployment.build(config)
     model = build_model(config, deployment)
     batch = generate_scenes(config, deployment, 16, 3)
