@@ -65,8 +65,8 @@ def run(
         Objective,
         typer.Option(
             "--objective",
-            help="composite (localization score, SYSTEM.md §5) or nmse (validation NMSE); "
-            "both minimised.",
+            help="composite (localization score, SYSTEM.md §5) or nmse (validation NMSE), "
+            "both minimised; or success (share of validation scenes localized), maximised.",
         ),
     ] = Objective.composite,
     pruner: Annotated[

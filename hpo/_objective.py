@@ -2,7 +2,8 @@
 
 The objective is computed from validation metrics only, never from the training loss, so it does
 not depend on any searched loss weight: `composite` is the localization score of SYSTEM.md §5
-(lower is better), `nmse` the validation covariance NMSE. A trial's value is the objective at its
+(lower is better), `nmse` the validation covariance NMSE, `success` the share of validation scenes
+with K right and every source in the 3 deg / 3 deg / 0.5 m box (higher is better). A trial's value is the objective at its
 last epoch (the model it ends with; the cosine schedule makes that the intended end point).
 
 With a checkpoint directory, training saves its state (after every epoch, or at the interval the
@@ -48,11 +49,14 @@ CHECKPOINT_FILE = CHECKPOINT_NAME
 
 
 def objective_value(metrics: EpochMetrics, objective: str) -> float:
-    """The number a study minimises, from one epoch's validation metrics."""
+    """The number a study optimises (`OBJECTIVES` gives the direction), from one epoch's
+    validation metrics."""
     if objective == "composite":
         return float(metrics.composite)
     if objective == "nmse":
         return float(metrics.val_nmse)
+    if objective == "success":
+        return float(metrics.success_rate)
     raise ValueError(f"unknown objective {objective!r}")
 
 

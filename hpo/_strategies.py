@@ -15,10 +15,12 @@ if TYPE_CHECKING:
 
 
 class Objective(str, Enum):
-    """What a study minimises: the localization score (SYSTEM.md §5) or the validation NMSE."""
+    """What a study optimises: the localization score (SYSTEM.md §5) or the validation NMSE,
+    both minimised, or the share of validation scenes localized (success), maximised."""
 
     composite = "composite"
     nmse = "nmse"
+    success = "success"
 
 
 class Pruner(str, Enum):
@@ -37,7 +39,8 @@ class Sampler(str, Enum):
     random = "random"
 
 
-OBJECTIVES: dict[str, str] = {"composite": "minimize", "nmse": "minimize"}  # name -> direction
+OBJECTIVES: dict[str, str] = {"composite": "minimize", "nmse": "minimize",
+                              "success": "maximize"}  # name -> direction
 PRUNERS = tuple(p.value for p in Pruner)
 ETA_PRUNERS = ("hyperband", "asha")  # the pruners with a reduction factor (eta)
 REDUCTION_FACTOR = 3  # their default eta

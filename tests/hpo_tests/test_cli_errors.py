@@ -49,7 +49,7 @@ SMOKE_RUN = ("run", "--trials", "3", "--preset", "smoke", "--quiet")
         (("--checkpoint-every", "-1"), "--checkpoint-every must be >= 0 seconds, but got -1"),
         (("--checkpoint-every", "nan"), "--checkpoint-every must be >= 0 seconds, but got nan"),
         (("--sampler", "grid"), "'--sampler': 'grid' is not one of 'tpe', 'random'"),
-        (("--objective", "loss"), "'--objective': 'loss' is not one of 'composite', 'nmse'"),
+        (("--objective", "loss"), "'--objective': 'loss' is not one of 'composite', 'nmse', 'success'"),
         (("--preset", "huge"), "'huge' is not one of 'smoke', 'quick', 'medium', 'full'"),
         (("--gpus", "99"), "--gpus"),
         (("--workers", "0"), "'--workers': Input should be greater than or equal to 1"),

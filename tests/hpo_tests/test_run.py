@@ -363,3 +363,27 @@ def test_the_pruner_and_its_reduction_factor_reach_every_trial(tmp_path):
     assert len(trials) == 3
     assert all((t.user_attrs["pruner"], t.user_attrs["reduction_factor"]) == ("asha", 2)
                for t in trials)
+
+
+def test_sbl_count_study_shares_one_front_end_and_maximises_success(tmp_path, monkeypatch):
+    """A study of the SBL count network: its trials (two workers) compute the SBL front end of
+    the training and validation scenes once and share it; --objective success is maximised."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RIS_HPO_CACHE", str(cache))
+    space = tmp_path / "space.toml"
+    space.write_text('model = "sbl_count"\nfresh_train = false\nlam_aux = 0.0\nlam_det = 0.0\n'
+                     "n_train = 256\nlr = { low = 1e-3, high = 1e-2, log = true }\n")
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    result = hpo("run", "--trials", "4", "--preset", "smoke", "--storage", url, "--study", "sc",
+                 "--objective", "success", "--space", str(space), "--workers", "2",
+                 "--pruner", "none", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, all_output(result, tmp_path)
+    trials = trials_of(url, "sc")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert all(t.params["lr"] >= 1e-3 for t in trials)
+    assert all(0.0 <= t.value <= 1.0 for t in trials)
+    # one file per split, whatever the trials' other parameters: computed once, shared
+    assert sorted(p.name.split("-")[0] for p in cache.glob("*.pt")) == ["train", "val"]
+    study = optuna.load_study(study_name="sc", storage=url)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert study.best_trial.value == max(t.value for t in trials)

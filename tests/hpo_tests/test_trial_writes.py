@@ -62,7 +62,7 @@ def _stored(store_url: str, study: optuna.Study) -> list[tuple[dict, dict]]:
 
 def test_batched_params_write_what_optuna_writes_in_one_transaction(store_url):
     storage = open_storage(store_url)
-    base = preset("quick")
+    base = preset("smoke")  # the grid model: the larger default space
     space = default_space(base)
     n_params = len(space.searched())
     assert n_params >= 10
@@ -149,7 +149,7 @@ def test_the_writes_fall_back_to_optuna_on_other_storages():
     assert (frozen.params, frozen.intermediate_values, frozen.user_attrs) == (
         {"x": x}, {1: 0.5}, {"a": 1})
     # A FixedTrial (a config replayed without any store) suggests through it unchanged.
-    base = preset("quick")
+    base = preset("smoke")  # the grid model: the larger default space
     fixed = optuna.trial.FixedTrial({"lr": 1e-3, "batch_size": 64})
     space = default_space(base)
     fixed_space = type(space)({k: v for k, v in space.params.items()
