@@ -41,6 +41,9 @@ _ALL = (
     Benchmark("sbl", "pipeline",
               "coded SBL's seconds per `medium` scene on one thread, batched and one at a "
               "time (issue 16: 0.10 s with its own count, batch of 64)"),
+    Benchmark("sbl_count", "pipeline",
+              "the SBL count network's inference (front end, network, refinement, MUSIC on "
+              "R_blend) per `medium` scene on one thread: <= 150 ms (issue 16)"),
     Benchmark("sbl_check", "pipeline",
               "coded SBL given the true K: success >= 0.85 on `medium` test scenes at >= 10 dB, "
               "over >= 500 scenes (issue 16)"),

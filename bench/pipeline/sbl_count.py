@@ -1,0 +1,83 @@
+"""Inference cost of the SBL count network per scene (model sbl_count), one CPU thread by default.
+
+What `hpo evaluate` runs for the learned row, end to end: the SBL front end (SBL, candidates, the
+drop path), the count network, SBL's K_hat peaks refined again with K_hat active, R_pred and
+R_blend, and MUSIC on R_blend with K_hat. Each stage is timed on a batch of scenes of the preset
+(`--repeats` times after one warm-up); records the median seconds per scene of each stage and of
+the whole. The network's weights do not change the cost (a fresh one is used). Progress lines go
+to stderr.
+
+    python -m bench sbl_count [--preset medium] [--scenes 64] [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+
+import torch
+
+from bench import _harness as harness
+from pipeline import Deployment, build_model, generate_scenes, preset, resolve_device
+from pipeline._frontend import front_end, refined_sources
+from pipeline._losses import covariances
+from pipeline._music import music_localize
+from pipeline._sbl_net import path_features
+
+BENCH_SEED = 20_261_203  # scenes for timing only; not a train, validation or test stream
+STAGES = ("front end", "network", "refine K_hat", "R_blend + MUSIC")
+
+
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--scenes", type=int, default=64, help="scenes per timed batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    config = preset(args.preset)
+    deployment = Deployment.build(config, device)
+    scenes = generate_scenes(config, deployment, args.scenes, BENCH_SEED)
+    torch.manual_seed(0)
+    model = build_model(config, deployment).eval()
+    harness.header(args, device)
+
+    def once(times: dict[str, list[float]] | None) -> None:
+        def stage(name: str):
+            if times is None:
+                return contextlib.nullcontext()
+            return harness.timed(device, times[name])
+
+        with torch.no_grad():
+            with stage("front end"):
+                front, powers = front_end(scenes.measurements, deployment, config,
+                                          keep_powers=True)
+            with stage("network"):
+                k_hat = model.head(path_features(front)).argmax(-1) + 1
+            with stage("refine K_hat"):
+                points, power, active = refined_sources(scenes.measurements, k_hat, powers,
+                                                        deployment, config)
+            with stage("R_blend + MUSIC"):
+                output = model.output(points, power, active, k_hat)  # logits unused
+                mats = covariances(output, scenes, config)
+                music_localize(mats.blend, k_hat, deployment, config)
+
+    once(None)  # warm-up: dictionaries, bases, MUSIC's grid
+    times: dict[str, list[float]] = {name: [] for name in STAGES}
+    for _ in range(args.repeats):
+        once(times)
+    result = {"preset": args.preset, "device": str(device), "threads": args.threads,
+              "scenes": args.scenes, "repeats": args.repeats}
+    total = 0.0
+    for name in STAGES:
+        per_scene = statistics.median(times[name]) / args.scenes
+        total += per_scene
+        result[f"{name}: s per scene"] = per_scene
+        harness.note(f"{name}: {1e3 * per_scene:.1f} ms per scene")
+    result["total: s per scene"] = total
+    harness.note(f"total: {1e3 * total:.1f} ms per scene (target <= 150 ms, issue 16)")
+    harness.emit(result)
+
