@@ -62,13 +62,15 @@ def run(
         typer.Option("--epochs", min=1, help="Epochs per trial [default: the preset's]."),
     ] = None,
     objective: Annotated[
-        Objective,
+        Objective | None,
         typer.Option(
             "--objective",
             help="composite (localization score, SYSTEM.md §5) or nmse (validation NMSE), "
-            "both minimised; or success (share of validation scenes localized), maximised.",
+            "both minimised; or success (share of validation scenes localized), maximised "
+            "[default: success for the SBL count network (quick, medium), else composite].",
+            show_default=False,
         ),
-    ] = Objective.composite,
+    ] = None,
     pruner: Annotated[
         Pruner,
         typer.Option(
@@ -186,7 +188,7 @@ def run(
 
     request = RunRequest(
         trials=trials, storage=storage, study=study, preset=preset.value, timeout_s=timeout,
-        epochs=epochs, objective=objective.value, pruner=pruner.value,
+        epochs=epochs, objective=objective.value if objective else None, pruner=pruner.value,
         reduction_factor=reduction_factor, sampler=sampler.value, seed=seed, space=space,
         workers=workers, gpus=gpus, workers_per_gpu=workers_per_gpu, device=device.value,
         threads=threads, quiet=quiet, checkpoint_dir=checkpoint_dir,

@@ -32,7 +32,7 @@ class RunRequest:
     preset: str = "quick"
     timeout_s: float | None = None
     epochs: int | None = None
-    objective: str = "composite"
+    objective: str | None = None  # None: the default for the preset's model (default_objective)
     pruner: str = "hyperband"
     reduction_factor: int | None = None
     sampler: str = "tpe"
@@ -89,7 +89,7 @@ def run_study(request: RunRequest, *, say: Callable[[str], None]) -> LaunchResul
     from hpo._processes import start_method, warm_up
     from hpo._requeue import RequeueStaleTrial
     from hpo._search_space import load_space
-    from hpo._strategies import ETA_PRUNERS, OBJECTIVES, REDUCTION_FACTOR
+    from hpo._strategies import ETA_PRUNERS, OBJECTIVES, REDUCTION_FACTOR, default_objective
     from hpo._studies import StudySettings, StudySpec, create_or_load_study
     from hpo._worker import WorkerSpec
     from pipeline import config_to_dict, preset, replace
@@ -110,8 +110,9 @@ def run_study(request: RunRequest, *, say: Callable[[str], None]) -> LaunchResul
     )  # fmt: skip
     method = start_method()
     location = resolve_url(request.storage)
-    settings = StudySettings(preset=request.preset, objective=request.objective,
-                             direction=OBJECTIVES[request.objective], epochs=base.epochs)
+    objective = request.objective or default_objective(base)
+    settings = StudySettings(preset=request.preset, objective=objective,
+                             direction=OBJECTIVES[objective], epochs=base.epochs)
     spec = StudySpec(config=config_to_dict(base), space=search_space.to_dict(),
                      pruner=request.pruner, reduction_factor=eta, sampler=request.sampler)
     store = open_storage(
