@@ -286,6 +286,19 @@ def _coerce(where: str, value: Any, kind: type) -> Any:
 
 
 def _check_space(space: SearchSpace, base: ExperimentConfig, *, where: str) -> None:
+    # Each range end and choice is checked on the base with every fixed value applied, so that
+    # fields that must agree (model sbl_count needs fresh_train=false) can be fixed together.
+    fixed = space.fixed()
+    try:
+        anchor = replace(base, **fixed)
+    except ConfigError as e:
+        for name, value in fixed.items():  # name the field that is wrong on its own, if one is
+            try:
+                replace(base, **{name: value})
+            except ConfigError as alone:
+                raise SpaceError(f"{where}: {name}={value!r} is not a valid config: {alone}"
+                                 ) from None
+        raise SpaceError(f"{where}: the fixed values make an invalid config: {e}") from None
     for name, param in space.params.items():
         if isinstance(param, (FloatRange, IntRange)):
             if not param.low < param.high:
@@ -307,10 +320,6 @@ def _check_space(space: SearchSpace, base: ExperimentConfig, *, where: str) -> N
             candidates = [param.value]
         for value in candidates:
             try:
-                replace(base, **{name: value})
+                replace(anchor, **{name: value})
             except ConfigError as e:
                 raise SpaceError(f"{where}: {name}={value!r} is not a valid config: {e}") from None
-    try:
-        replace(base, **space.fixed())
-    except ConfigError as e:
-        raise SpaceError(f"{where}: the fixed values make an invalid config: {e}") from None

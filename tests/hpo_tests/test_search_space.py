@@ -135,3 +135,28 @@ def test_the_search_space_module_is_the_only_caller_of_suggest():
             ):
                 callers.append(path.relative_to(ROOT).as_posix())
     assert callers == ["hpo/_search_space.py"]
+
+
+def test_sbl_count_presets_get_their_own_space_and_objective():
+    from hpo._strategies import default_objective
+
+    for name in ("quick", "medium"):
+        base = preset(name)
+        assert base.model == "sbl_count"
+        params = load_space(None, base).params
+        # the count network's knobs, none of the detection-map network's
+        assert {"model_width", "model_depth", "dropout", "beta", "lam_k", "lr"} <= set(params)
+        assert not {"conv_channels", "lam_aux", "lam_det"} & set(params)
+        assert params["beta"].high <= 0.1  # MUSIC on R_blend keeps the network's sources
+        assert default_objective(base) == "success"
+    assert default_objective(preset("smoke")) == "composite"
+
+
+def test_fields_that_must_agree_can_be_fixed_together(tmp_path):
+    path = tmp_path / "space.toml"
+    path.write_text('model = "sbl_count"\nfresh_train = false\nbeta = { low = 0.0, high = 0.1 }\n')
+    space = load_space(path, preset("smoke"))
+    assert space.fixed() == {"model": "sbl_count", "fresh_train": False}
+    path.write_text('model = "sbl_count"\n')  # smoke draws fresh scenes per epoch
+    with pytest.raises(SpaceError, match="model='sbl_count' is not a valid config: .*fresh_train"):
+        load_space(path, preset("smoke"))
