@@ -1,6 +1,7 @@
 """The search space: Optuna trial -> ExperimentConfig. The only caller of `trial.suggest_*`.
 Model sbl_count (the `quick`, `medium` and `full` presets) has its own default space: the count
-network's width, depth and dropout, the optimiser, `beta` (0-0.1) and `lam_k` (`_sbl_count_params`).
+network's width, depth and dropout, the optimiser, `beta` (0-0.1), `lam_k` and
+`count_for_success` (`_sbl_count_params`).
 For the detection-map network (model grid), the default space covers the optimiser (learning rate, weight decay, batch size, warm-up), the
 model (channels, width, depth: ranges centred on the study's preset's own network; dropout), the covariance blend `beta` and the loss weights `lam_k`,
 `lam_aux`, `lam_det` (`lam_cov` stays 1 as the scale the others are relative to). Loss weights
@@ -94,6 +95,7 @@ def _sbl_count_params(base: ExperimentConfig) -> dict[str, Param]:
         "beta": FloatRange(0.0, 0.1),  # weight of R_samp in R_blend (MUSIC moves off the
         # network's sources as it grows: 99.2 % of them within 0.2 deg at 0.05, 97 % at 0.2)
         "lam_k": FloatRange(0.1, 10.0, log=True),  # loss weight of the K cross-entropy
+        "count_for_success": FloatRange(0.0, 1.0),  # K_hat: most probable count .. success
     }
 
 

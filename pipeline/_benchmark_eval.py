@@ -44,7 +44,7 @@ from pipeline._metrics import (
     matched_errors,
     scene_success,
 )
-from pipeline._model import music_seeds
+from pipeline._model import music_seeds, predicted_count
 from pipeline._music import music_localize
 from pipeline._physics import Deployment
 from pipeline._pursuit import matching_pursuit
@@ -151,7 +151,7 @@ def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment:
         mats = covariances(output, batch, config)
         r_blend = _with_loading(_dense(mats.blend), config.diag_loading)
         r_samp, r_true = _dense(mats.samp), _dense(mats.true)
-        k_head = (output.k_logits.argmax(-1) + 1).clamp(1, config.max_sources)
+        k_head = predicted_count(output).clamp(1, config.max_sources)
         k_mdl = mdl_estimate(r_samp, config.n_snapshots, max_sources=config.max_sources)
         seconds["model"] += time.perf_counter() - tick
         seeds = music_seeds(model, output)

@@ -51,6 +51,7 @@ class ExperimentConfig:
 
     # --- model ---
     model: str = "grid"  # "grid": detection-map network; "sbl_count": SBL front end + count net
+    count_for_success: float = 0.0  # sbl_count: K_hat maximises log P(K=k) + this * log q_k
     cov_head: str = "manifold"  # "manifold": F from predicted steering vectors; "free": free factor
     factor_rank: int = 8  # columns of the free factor F (cov_head="free")
     n_grid_azimuth: int = 25  # feature grid of the matched-filter spectrum, azimuth points
@@ -112,7 +113,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "cov_head": ("manifold", "free"),
     "amp_dtype": ("float16", "bfloat16"),
 }
-_PROBABILITIES = ("beta", "dropout", "warmup_frac")
+_PROBABILITIES = ("beta", "dropout", "warmup_frac", "count_for_success")
 _NON_NEGATIVE = (
     "lam_cov", "lam_k", "lam_aux", "lam_det", "lam_gap", "weight_decay", "diag_loading",
     "power_range_db", "min_separation_deg", "rician_k", "music_refine_steps",
@@ -180,7 +181,7 @@ PRESETS: dict[str, ExperimentConfig] = {
         n_ris_rows=8, n_ris_cols=8, n_bs_antennas=8, n_snapshots=8, max_sources=3,
         range_max_m=4.0, n_train=2_000, n_val=300, epochs=5, fresh_train=False,
         model="sbl_count", model_width=64, model_depth=2, lr=3e-3, lam_aux=0.0, lam_det=0.0,
-        beta=0.05, n_grid_azimuth=19, n_grid_elevation=9, n_grid_range=4, conv_channels=16,
+        beta=0.05, count_for_success=0.5, n_grid_azimuth=19, n_grid_elevation=9, n_grid_range=4, conv_channels=16,
         music_grid_azimuth=37, music_grid_elevation=19, music_grid_range=7, n_val_localize=300,
     ),
     # One CPU training run at the real array size (N = 144, M = 16, L = 16, K <= 5) within the
@@ -189,7 +190,7 @@ PRESETS: dict[str, ExperimentConfig] = {
     "medium": ExperimentConfig(
         range_max_m=4.0, n_train=4_000, n_val=300, epochs=6, n_val_localize=300,
         fresh_train=False, model="sbl_count", model_width=64, model_depth=2, lr=3e-3,
-        lam_aux=0.0, lam_det=0.0, beta=0.05,
+        lam_aux=0.0, lam_det=0.0, beta=0.05, count_for_success=0.25,
     ),
     # The system at its real size (SYSTEM.md §6 defaults).
     "full": ExperimentConfig(),

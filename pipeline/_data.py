@@ -35,6 +35,8 @@ class SceneBatch:
     steering: (B, K_max, N) complex64, zero where masked.
     snr_db: (B,) float32, the SNR that was simulated.
     frontend: (B, D) float32, the packed SBL front end of model sbl_count, or None.
+    located: (B,) float32, 1 where the front end's answer with the true K localizes every source
+    (inside the success box), or None; the SBL count network's second head learns it.
     """
 
     measurements: torch.Tensor
@@ -48,6 +50,7 @@ class SceneBatch:
     steering: torch.Tensor
     snr_db: torch.Tensor
     frontend: torch.Tensor | None = None  # (B, D) packed SBL front end (pipeline._frontend)
+    located: torch.Tensor | None = None  # (B,) float32 training label of model sbl_count
 
     @property
     def size(self) -> int:

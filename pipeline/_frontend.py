@@ -50,7 +50,7 @@ FORMAT = 1  # bump when the front end's arithmetic or layout changes: old files 
 # Fields of ExperimentConfig that do not shape the scenes (model, losses, optimisation, counts of
 # scenes per split, evaluation): the cache key leaves them out, so trials that differ only in
 # them share one file.
-_FIELDS_AFTER_SCENES = "cov_head"
+_FIELDS_AFTER_SCENES = "model"  # the first field of the model section
 _NOT_SCENE_FIELDS = ("n_train", "n_val", "fresh_train")
 
 
@@ -256,5 +256,15 @@ def cached_front_end(measurements: torch.Tensor, deployment: Deployment,
 
 def with_front_end(batch: SceneBatch, deployment: Deployment, config: ExperimentConfig,
                    split: str) -> SceneBatch:
-    """`batch` (the first batch.size scenes of `split`) with its cached front end attached."""
-    return replace(batch, frontend=cached_front_end(batch.measurements, deployment, config, split))
+    """`batch` (the first batch.size scenes of `split`) with its cached front end attached, and
+    whether the front end's answer with the true K localizes every source (`located`)."""
+    from pipeline._metrics import localization_from_points, scene_success
+
+    packed = cached_front_end(batch.measurements, deployment, config, split)
+    front = FrontEnd.unpack(packed, config.max_sources)
+    points, power, active = front.stage(batch.n_sources.to(packed.device))
+    found = localization_from_points([points], [active], [power], config.max_sources,
+                                     packed.device)
+    located = torch.as_tensor(scene_success(found, batch.n_sources, batch),
+                              dtype=torch.float32, device=packed.device)
+    return replace(batch, frontend=packed, located=located)

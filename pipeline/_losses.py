@@ -107,6 +107,11 @@ def compute_loss(output: ModelOutput, batch: SceneBatch, config: ExperimentConfi
         zero = torch.zeros((), device=batch.fields.device)
         cov_term = cov.nmse_low_rank(mats.blend, mats.true).mean()
         k_term = F.cross_entropy(output.k_logits.float(), batch.n_sources - 1)
+        if output.locate_logits is not None and batch.located is not None:
+            # the SBL count network's second head: does the answer with the true K localize?
+            locate = output.locate_logits.float().gather(1, (batch.n_sources - 1)[:, None])
+            k_term = k_term + F.binary_cross_entropy_with_logits(locate.squeeze(1),
+                                                                 batch.located)
         aux_term = matched_parameter_loss(
             output.azimuth_rad.float(), output.elevation_rad.float(), output.range_m.float(),
             batch.azimuth_rad, batch.elevation_rad, batch.range_m, batch.source_mask,

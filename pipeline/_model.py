@@ -43,6 +43,7 @@ class ModelOutput:
     azimuth_rad, elevation_rad, range_m, weight: (B, K_max) float32 slot predictions (weight in
     (0, 1), the slot's objectness). shrinkage: (B,) float32 gamma in [0, 1), or None.
     objectness: (B, R, E, A) logits; offsets: (B, 3, R, E, A) in cells (None for the free head).
+    locate_logits, k_score: (B, K_max) or None (see below).
     """
 
     factor: torch.Tensor
@@ -54,6 +55,10 @@ class ModelOutput:
     shrinkage: torch.Tensor | None = None
     objectness: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
+    # SBL count network: logits that the answer with k sources localizes every source (trained
+    # where k = K), and the scores K_hat is the argmax of (`predicted_count`).
+    locate_logits: torch.Tensor | None = None
+    k_score: torch.Tensor | None = None
 
 
 class MatchedFilterSpectrum(nn.Module):
@@ -249,6 +254,13 @@ def build_model(config: ExperimentConfig, deployment: Deployment) -> nn.Module:
 
         return SblCountNet(config, deployment).to(deployment.operator.device)
     return CovarianceNet(config, deployment).to(deployment.operator.device)
+
+
+def predicted_count(output: ModelOutput) -> torch.Tensor:
+    """K_hat (B,) int64 in 1..K_max: the argmax of the output's decision scores, or of its K
+    logits where it has none."""
+    scores = output.k_score if output.k_score is not None else output.k_logits
+    return scores.argmax(-1) + 1
 
 
 def music_seeds(model: nn.Module, output: ModelOutput) -> Localization | None:

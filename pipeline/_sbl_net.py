@@ -4,7 +4,11 @@ The front end (`pipeline._frontend`) gives each scene coded SBL's drop path: for
 a complete answer with k sources (positions, powers) and the weakest source's likelihood gain and
 power-to-noise ratio at each stage. SBL's own count thresholds those gains with one hand-tuned
 rule; this network reads the whole path (gains, their margins over that rule, the ratios, the
-noise estimates and the powers) and gives K logits. K_hat is their argmax.
+noise estimates and the powers) and gives K logits, and a second head the probability q_k that
+the k-source answer localizes every source when K = k (trained on that label). K_hat maximises
+log P(K = k) + alpha log q_k (alpha = config.count_for_success): with alpha 0 the most probable
+count, with alpha 1 the most probable success, which declines to call a crowded low-SNR scene
+crowded when its sources would be lost anyway and a single source would not.
 
 The covariance follows the count, so count and set agree by construction:
 - at inference, SBL's K_hat strongest peaks are refined again with exactly K_hat sources active
@@ -17,6 +21,8 @@ positions R_pred was built from (tests/pipeline_tests/test_sbl_net.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -63,8 +69,18 @@ class SblCountNet(nn.Module):
             layers += [nn.Linear(width_in, config.model_width), nn.GELU(),
                        nn.Dropout(config.dropout)]
             width_in = config.model_width
-        layers.append(nn.Linear(width_in, k_max))
-        self.head = nn.Sequential(*layers)
+        self.trunk = nn.Sequential(*layers)
+        self.count = nn.Linear(width_in, k_max)  # K logits
+        self.locate = nn.Linear(width_in, k_max)  # P(the k-source answer localizes | K = k)
+
+    def decide(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """K logits, locate logits and the decision scores log P(K = k) + alpha log q_k, alpha =
+        config.count_for_success: 0 picks the most probable K, 1 the most probable success."""
+        hidden = self.trunk(features)
+        logits, locate = self.count(hidden), self.locate(hidden)
+        score = (F.log_softmax(logits.float(), -1)
+                 + self.config.count_for_success * F.logsigmoid(locate.float()))
+        return logits, locate, score
 
     def _factor(self, points: torch.Tensor, power: torch.Tensor, active: torch.Tensor
                 ) -> torch.Tensor:
@@ -87,20 +103,22 @@ class SblCountNet(nn.Module):
                                       keep_powers=True)
         else:
             front = FrontEnd.unpack(frontend.to(measurements.device), k_max)
-        logits = self.head(path_features(front))
+        logits, locate, score = self.decide(path_features(front))
         if not self.training:
-            k_hat = logits.argmax(-1) + 1
+            k_hat = score.argmax(-1) + 1
             if powers is not None:
                 points, power, active = refined_sources(measurements, k_hat, powers,
                                                         self.deployment, self.config)
             else:
                 points, power, active = front.stage(k_hat)
-            return self.output(points, power, active, logits)
+            return replace(self.output(points, power, active, logits), locate_logits=locate,
+                           k_score=score)
         # sum_k P(k) R_k: column j of stage k scaled by sqrt(P(k)), smoothly (no sqrt of 0)
         root = torch.exp(0.5 * F.log_softmax(logits.float(), dim=-1))  # (B, K)
         stages = self._factor(front.points, front.power, front.active)  # (B, K, N, K)
         factor = (stages * root[:, :, None, None]).permute(0, 2, 1, 3).flatten(2)
-        return self._output(factor, front.points[:, -1], front.active[:, -1], logits)
+        output = self._output(factor, front.points[:, -1], front.active[:, -1], logits)
+        return replace(output, locate_logits=locate, k_score=score)
 
     def output(self, points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
                logits: torch.Tensor) -> ModelOutput:

@@ -27,7 +27,7 @@ from pipeline._errors import CheckpointError, ConfigError, NumericalError
 from pipeline._frontend import with_front_end
 from pipeline._losses import TERMS, compute_loss
 from pipeline._metrics import Localization
-from pipeline._model import CovarianceNet, build_model, music_seeds
+from pipeline._model import CovarianceNet, build_model, music_seeds, predicted_count
 from pipeline._music import evaluate_covariances
 from pipeline._physics import Deployment
 
@@ -303,7 +303,7 @@ def validate(model: CovarianceNet, val: SceneBatch, config: ExperimentConfig,
         terms, mats = compute_loss(output, chunk, config)
         size = chunk.size
         totals += torch.stack([terms.total * size, terms.cov * size])
-        k_hats.append(output.k_logits.argmax(-1) + 1)
+        k_hats.append(predicted_count(output))
         if start < config.n_val_localize:
             blends.append(mats.blend.detach())
             seeds.append(music_seeds(model, output))

@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
                 front, powers = front_end(scenes.measurements, deployment, config,
                                           keep_powers=True)
             with stage("network"):
-                k_hat = model.head(path_features(front)).argmax(-1) + 1
+                k_hat = model.decide(path_features(front))[2].argmax(-1) + 1
             with stage("refine K_hat"):
                 points, power, active = refined_sources(scenes.measurements, k_hat, powers,
                                                         deployment, config)

@@ -22,7 +22,7 @@ from pipeline._frontend import (
 )
 from pipeline._losses import compute_loss, covariances
 from pipeline._metrics import localization_from_points
-from pipeline._model import build_model
+from pipeline._model import build_model, predicted_count
 from pipeline._music import music_localize
 from pipeline._physics import Deployment
 from pipeline._train import load_model, train
@@ -34,15 +34,11 @@ SMOKE = replace(preset("smoke"), model="sbl_count", fresh_train=False, lam_aux=0
 @pytest.fixture(scope="module")
 def scenes():
     deployment = Deployment.build(SMOKE)
-    batch = load_split(SMOKE, deployment, "val", 24)
+    batch = with_front_end(load_split(SMOKE, deployment, "val", 24), deployment, SMOKE, "val")
     front, powers = front_end(batch.measurements, deployment, SMOKE, keep_powers=True)
-    return deployment, replace_frontend(batch, front.pack()), front, powers
-
-
-def replace_frontend(batch, packed):
-    import dataclasses
-
-    return dataclasses.replace(batch, frontend=packed)
+    assert torch.equal(batch.frontend, front.pack())
+    assert batch.located is not None and 0 < float(batch.located.mean()) < 1
+    return deployment, batch, front, powers
 
 
 def test_front_end_packs_and_unpacks_exactly(scenes):
@@ -75,7 +71,7 @@ def test_r_pred_is_hermitian_psd_with_trace_n(scenes, training):
     assert torch.allclose(blend, expected, atol=1e-4)
 
 
-def test_gradients_are_finite_and_reach_the_count_head(scenes):
+def test_gradients_are_finite_and_reach_both_heads(scenes):
     deployment, batch, _, _ = scenes
     torch.manual_seed(0)
     model = build_model(SMOKE, deployment).train()
@@ -89,7 +85,8 @@ def test_gradients_are_finite_and_reach_the_count_head(scenes):
     terms, _ = compute_loss(model(batch.measurements, batch.fields, batch.frontend), batch,
                             replace(SMOKE, lam_k=0.0))
     terms.cov.backward()
-    assert sum(float(p.grad.abs().sum()) for p in model.parameters()) > 0
+    assert float(model.count.weight.grad.abs().sum()) > 0
+    assert model.locate.weight.grad is None  # the locate head learns from its label alone
 
 
 def test_loss_does_not_change_when_the_true_sources_are_permuted(scenes):
@@ -128,7 +125,7 @@ def test_count_and_set_agree(scenes, cached):
     model = build_model(SMOKE, deployment).eval()
     with torch.no_grad():
         output = model(batch.measurements, batch.fields, batch.frontend if cached else None)
-    k_hat = output.k_logits.argmax(-1) + 1
+    k_hat = predicted_count(output)
     assert torch.equal(output.weight.sum(-1).long(), k_hat)
     # the factor has exactly K_hat non-zero columns: rank K_hat
     energy = output.factor.abs().square().sum(-2)
@@ -188,7 +185,8 @@ def test_front_end_cache_is_shared_and_keyed_by_the_scenes(tmp_path, monkeypatch
                         lambda *a, **k: pytest.fail("computed twice"))
     assert torch.equal(cached_front_end(batch.measurements, deployment, SMOKE, "val"), first)
     # trials that differ only in the model, loss or optimiser share the file ...
-    assert cache_key(replace(SMOKE, lr=1e-4, model_width=7, beta=0.5, epochs=3), "val", 24) \
+    assert cache_key(replace(SMOKE, lr=1e-4, model_width=7, beta=0.5, epochs=3, model="grid",
+                             fresh_train=True, count_for_success=0.5), "val", 24) \
         == cache_key(SMOKE, "val", 24)
     # ... scenes of another system, seed, split or count do not
     for other in (cache_key(replace(SMOKE, seed=1), "val", 24),
