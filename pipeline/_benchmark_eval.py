@@ -110,17 +110,6 @@ def _with_loading(matrix: torch.Tensor, loading: float) -> torch.Tensor:
                                         device=matrix.device)
 
 
-def _cat_localizations(parts: list[Localization]) -> Localization:
-    return Localization(*(torch.cat([getattr(p, name) for p in parts]) for name in
-                          ("azimuth_rad", "elevation_rad", "range_m", "mask", "score")))
-
-
-def _select(localization: Localization, index: torch.Tensor) -> Localization:
-    return Localization(localization.azimuth_rad[index], localization.elevation_rad[index],
-                        localization.range_m[index], localization.mask[index],
-                        localization.score[index])
-
-
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment: Deployment, *,
                    n_scenes: int = 2000, seed: int = 0,
@@ -181,7 +170,7 @@ def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment:
     truth = SceneBatch.concat(chunks)
     crb = torch.cat(bounds).cpu().numpy()  # (B, K_max, 3) rad^2, rad^2, m^2
     crb[..., :2] *= (180.0 / math.pi) ** 2  # degrees^2
-    localizations = {name: _cat_localizations(parts) for name, parts in found.items()}
+    localizations = {name: Localization.cat(parts) for name, parts in found.items()}
     k_hats = {name: torch.cat(parts) for name, parts in counts.items()}
     rows = []
     for group, label, index in _groups(truth):
@@ -298,7 +287,7 @@ def _localizer_row(localization: Localization, k_hat: torch.Tensor, truth: Scene
                    crb: np.ndarray, index: torch.Tensor, config: ExperimentConfig
                    ) -> dict[str, Any]:
     device = localization.mask.device
-    part = _select(localization, index.to(device))
+    part = localization.select(index.to(device))
     true_part = truth.select(index.to(truth.n_sources.device))
     k_part = k_hat[index.to(k_hat.device)]
     row: dict[str, Any] = localization_metrics(part, true_part, k_part, config=config)

@@ -181,7 +181,8 @@ PRESETS: dict[str, ExperimentConfig] = {
         n_ris_rows=8, n_ris_cols=8, n_bs_antennas=8, n_snapshots=8, max_sources=3,
         range_max_m=4.0, n_train=2_000, n_val=300, epochs=5, fresh_train=False,
         model="sbl_count", model_width=64, model_depth=2, lr=3e-3, lam_aux=0.0, lam_det=0.0,
-        beta=0.05, count_for_success=0.5, n_grid_azimuth=19, n_grid_elevation=9, n_grid_range=4, conv_channels=16,
+        beta=0.05, count_for_success=0.5,
+        n_grid_azimuth=19, n_grid_elevation=9, n_grid_range=4, conv_channels=16,
         music_grid_azimuth=37, music_grid_elevation=19, music_grid_range=7, n_val_localize=300,
     ),
     # One CPU training run at the real array size (N = 144, M = 16, L = 16, K <= 5) within the

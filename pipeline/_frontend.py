@@ -33,6 +33,7 @@ import torch
 from pipeline._config import ExperimentConfig, config_from_dict, config_to_dict
 from pipeline._data import SceneBatch
 from pipeline._grid import MusicGrid, music_grid
+from pipeline._metrics import localization_from_points, scene_success
 from pipeline._physics import Deployment
 from pipeline._pursuit import coded_dictionary
 from pipeline._sbl import (
@@ -126,8 +127,6 @@ def _path_of_chunk(y: torch.Tensor, deployment: Deployment, ops: _Operators, k_m
     path: list[tuple[_State, torch.Tensor, torch.Tensor]] = []
     _count(state, y, deployment, ops.grid, settings, path=path)
     path = path[::-1]  # stage k-1 has k active: the path runs from K_max down to 1
-    while len(path) < k_max:  # a path always has K_max stages; pad defensively
-        path.append(path[-1])
     front = FrontEnd(
         points=torch.stack([s.points for s, _, _ in path], 1),
         power=torch.stack([s.power for s, _, _ in path], 1),
@@ -258,8 +257,6 @@ def with_front_end(batch: SceneBatch, deployment: Deployment, config: Experiment
                    split: str) -> SceneBatch:
     """`batch` (the first batch.size scenes of `split`) with its cached front end attached, and
     whether the front end's answer with the true K localizes every source (`located`)."""
-    from pipeline._metrics import localization_from_points, scene_success
-
     packed = cached_front_end(batch.measurements, deployment, config, split)
     front = FrontEnd.unpack(packed, config.max_sources)
     points, power, active = front.stage(batch.n_sources.to(packed.device))
