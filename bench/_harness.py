@@ -50,6 +50,33 @@ def parser(module_name: str, doc: str | None) -> BenchParser:
     )  # fmt: skip
 
 
+TIMING_SEED = 20_261_203  # scenes for timing only; not a train, validation or test stream
+
+
+def add_scene_options(parser: argparse.ArgumentParser, *, repeats: int) -> None:
+    """--preset, --scenes, --repeats, --threads and --device of a per-scene timing benchmark."""
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--scenes", type=int, default=64, help="scenes per timed batch")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+
+
+def timing_scenes(args: argparse.Namespace) -> tuple[Any, ...]:
+    """For `add_scene_options`' arguments: torch's threads set, then (device, config, deployment,
+    scenes), the scenes drawn from TIMING_SEED."""
+    import torch
+
+    from pipeline import Deployment, generate_scenes, preset, resolve_device
+
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    config = preset(args.preset)
+    deployment = Deployment.build(config, device)
+    return device, config, deployment, generate_scenes(config, deployment, args.scenes,
+                                                       TIMING_SEED)
+
+
 def sync(device: torch.device | None) -> None:
     """Wait for the device's queued work (CUDA), so a timer around it times the work itself."""
     import torch

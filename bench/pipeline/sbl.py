@@ -16,16 +16,7 @@ import statistics
 import torch
 
 from bench import _harness as harness
-from pipeline import (
-    Deployment,
-    SblSettings,
-    generate_scenes,
-    preset,
-    resolve_device,
-    sparse_bayesian_learning,
-)
-
-BENCH_SEED = 20_261_203  # scenes for timing only; not a train, validation or test stream
+from pipeline import SblSettings, sparse_bayesian_learning
 
 
 def _median_seconds(run, repeats: int, device: torch.device) -> list[float]:
@@ -39,18 +30,10 @@ def _median_seconds(run, repeats: int, device: torch.device) -> list[float]:
 
 def main(argv: list[str]) -> None:
     parser = harness.parser(__name__, __doc__)
-    parser.add_argument("--preset", default="medium")
-    parser.add_argument("--scenes", type=int, default=64, help="scenes per timed batch")
+    harness.add_scene_options(parser, repeats=5)
     parser.add_argument("--single", type=int, default=8, help="scenes timed one at a time")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    config = preset(args.preset)
-    deployment = Deployment.build(config, device)
-    scenes = generate_scenes(config, deployment, args.scenes, BENCH_SEED)
+    device, config, deployment, scenes = harness.timing_scenes(args)
     settings = SblSettings()
     harness.header(args, device)
     result = {"preset": args.preset, "device": str(device), "threads": args.threads,

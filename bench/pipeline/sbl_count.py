@@ -18,29 +18,20 @@ import statistics
 import torch
 
 from bench import _harness as harness
-from pipeline import Deployment, build_model, generate_scenes, preset, resolve_device
+from pipeline import build_model
 from pipeline._frontend import front_end, refined_sources
 from pipeline._losses import covariances
 from pipeline._music import music_localize
 from pipeline._sbl_net import path_features
 
-BENCH_SEED = 20_261_203  # scenes for timing only; not a train, validation or test stream
 STAGES = ("front end", "network", "refine K_hat", "R_blend + MUSIC")
 
 
 def main(argv: list[str]) -> None:
     parser = harness.parser(__name__, __doc__)
-    parser.add_argument("--preset", default="medium")
-    parser.add_argument("--scenes", type=int, default=64, help="scenes per timed batch")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    harness.add_scene_options(parser, repeats=3)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    config = preset(args.preset)
-    deployment = Deployment.build(config, device)
-    scenes = generate_scenes(config, deployment, args.scenes, BENCH_SEED)
+    device, config, deployment, scenes = harness.timing_scenes(args)
     torch.manual_seed(0)
     model = build_model(config, deployment).eval()
     harness.header(args, device)
