@@ -101,13 +101,13 @@ def _first_line(error: BaseException) -> str:
 
 def _prepare_out(out: Path) -> None:
     """Create --out and prove it writable before any work, so a bad path costs nothing."""
+    from hpo._errors import OutputNotWritable
+    from hpo._outdir import prepare_out_dir
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{time.time_ns()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        fail(f"cannot write to output directory {out}: {error.strerror or error}", EXIT_USAGE)
+        prepare_out_dir(out)
+    except OutputNotWritable as error:
+        fail(str(error), EXIT_USAGE)
 
 
 def _cell(value: Any, spec: str) -> str:

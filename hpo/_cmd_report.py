@@ -36,7 +36,8 @@ def report(
     import optuna
 
     from hpo._errors import OutputNotWritable, ReportError
-    from hpo._report import prepare_out_dir, write_report
+    from hpo._outdir import prepare_out_dir
+    from hpo._report import write_report
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     location, the_study = open_study(storage, study)

@@ -11,7 +11,9 @@ import typer
 
 from hpo._app import app
 from hpo._common import EXIT_INCOMPLETE, JsonOption, build_config, fail, open_study
+from hpo._errors import OutputNotWritable
 from hpo._layout import Device
+from hpo._outdir import prepare_out_dir
 from pipeline import PRESETS, ExperimentConfig, PipelineError
 
 PresetOption = Annotated[
@@ -148,9 +150,9 @@ def train(
         fail(str(error))
     run_dir = out or Path("runs") / f"train-{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        fail(f"cannot create run directory {run_dir}: {error.strerror}")
+        prepare_out_dir(run_dir)  # before training: a bad --out costs nothing
+    except OutputNotWritable as error:
+        fail(str(error))
 
     def report(metrics) -> None:
         line = _format_epoch(metrics.to_dict(), config.epochs)

@@ -62,7 +62,6 @@ class _Worker:
     slot: WorkerSlot
     process: WorkerProcess
     log_path: Path
-    started: float
 
 
 @dataclass
@@ -75,10 +74,6 @@ class LaunchResult:
     timed_out: bool = False  # stopped at the deadline before the budget was used up
     best: optuna.trial.FrozenTrial | None = None
     worker_deaths: list[str] = field(default_factory=list)
-
-    @property
-    def budget_met(self) -> bool:
-        return self.counts.finished >= self.budget
 
 
 class Launcher:
@@ -211,7 +206,7 @@ class Launcher:
             self.start_method, slot, spec.to_json(), url=self.location.url, log_path=log_path,
             warn=self._say,
         )  # fmt: skip
-        return _Worker(slot, process, log_path, time.monotonic())
+        return _Worker(slot, process, log_path)
 
     def _reap(self, workers: list[_Worker]) -> tuple[list[_Worker], str | None]:
         """Handle workers that exited: done, recycled, or dead (replaced while allowed)."""

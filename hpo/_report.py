@@ -20,8 +20,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo._attrs import ATTR_BUDGET, ATTR_CHECKPOINT, ATTR_METRICS, failures
 from hpo._budget import count_trials
-from hpo._errors import NothingToReport, OutputNotWritable
+from hpo._errors import NothingToReport
 from hpo._figures import evaluator, plan_figures, plots_html, quiet_plotting, save_png
+from hpo._outdir import prepare_out_dir
 from hpo._studies import StudySettings, best_trial, direction_of, study_settings
 
 # PED-ANOVA compares complete trials: it needs two (the dashboard's rule too), and with a
@@ -38,18 +39,6 @@ class Report:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was left out, and why
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def prepare_out_dir(out_dir: Path) -> None:
-    """Create `out_dir` and check that a file can be written there; ReportError if not."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".hpo-report-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise OutputNotWritable(f"cannot write to output directory {out_dir}: {reason}") from None
 
 
 def write_report(study: optuna.Study, out_dir: Path, *, store: str) -> Report:

@@ -85,3 +85,13 @@ def test_bad_input_is_one_line_exit_2_no_traceback(args, fragment, tmp_path):
     assert fragment in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()  # nothing half-made
+
+
+def test_an_unwritable_out_is_one_line_before_any_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = hpo("train", "--preset", "smoke", "--out", str(blocker / "run"))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: cannot write to output directory {blocker / 'run'}: Not a directory"]
+    assert "training" not in result.stdout  # refused before the run started
