@@ -47,6 +47,10 @@ _ALL = (
     Benchmark("sbl_check", "pipeline",
               "coded SBL given the true K: success >= 0.85 on `medium` test scenes at >= 10 dB, "
               "over >= 500 scenes (issue 16)"),
+    Benchmark("sbl_ceiling", "pipeline",
+              "given the true K, how many scenes coded SBL loses in its search (the truth's "
+              "local optimum is likelier) and how many in the likelihood itself: what any "
+              "search over SBL's likelihood can still add (issue 16); no figure to hold"),
     Benchmark("sbl_tune", "pipeline",
               "coded SBL's grid, iterations and count rule chosen on validation scenes, never "
               "test scenes (issue 16); a sweep, no figure to hold"),

@@ -7,7 +7,10 @@ Six rows on the same scenes:
   pursuit   classical: orthogonal matching pursuit on the measurements (`pipeline._pursuit`),
             with MDL's count
   sbl       classical: coded sparse Bayesian learning with likelihood refinement
-            (`pipeline._sbl`), with its own count (a threshold on each source's likelihood gain)
+            (`pipeline._sbl`), with its own count (a threshold on each source's likelihood gain);
+            for the SBL count network, read off the learned row's own SBL front end
+            (`sbl_from_front_end`, the same arithmetic and answer), so SBL runs once per scene
+            and its seconds count only its count and refinement
   oracle    MUSIC on R_true with the true count
   crb       the Cramer-Rao bound of the measurement model (`pipeline._crb`, "joint": every
             position, power and the noise variance unknown), at the true sources
@@ -36,6 +39,7 @@ from pipeline._config import ExperimentConfig, config_to_dict
 from pipeline._counting import mdl_estimate
 from pipeline._crb import cramer_rao_bound
 from pipeline._data import SceneBatch, _batch_seed, generate_scenes, split_seeds
+from pipeline._frontend import front_end, sbl_from_front_end
 from pipeline._losses import covariances
 from pipeline._metrics import (
     Localization,
@@ -49,6 +53,7 @@ from pipeline._music import music_localize
 from pipeline._physics import Deployment
 from pipeline._pursuit import matching_pursuit
 from pipeline._sbl import sparse_bayesian_learning
+from pipeline._sbl_net import SblCountNet
 
 SNR_BIN_EDGES_DB = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
 SCENE_CHUNK = 250  # scenes drawn (and localized) together; part of the scene definition
@@ -136,7 +141,13 @@ def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment:
     done = 0
     for batch in chunks:
         tick = time.perf_counter()
-        output = model(batch.measurements, batch.fields)
+        shared_sbl = None
+        if isinstance(model, SblCountNet):  # one SBL front end for its row and SBL's row
+            front, powers = front_end(batch.measurements, deployment, config, keep_powers=True)
+            output = model.answer(batch.measurements, front, powers)
+            shared_sbl = (front, powers)
+        else:
+            output = model(batch.measurements, batch.fields)
         mats = covariances(output, batch, config)
         r_blend = _with_loading(_dense(mats.blend), config.diag_loading)
         r_samp, r_true = _dense(mats.samp), _dense(mats.true)
@@ -151,6 +162,9 @@ def evaluate_model(model: torch.nn.Module, config: ExperimentConfig, deployment:
             tick = time.perf_counter()
             if name == "pursuit":
                 found[name].append(matching_pursuit(data, k_hat, deployment, config))
+            elif name == "sbl" and shared_sbl is not None:
+                found[name].append(sbl_from_front_end(data, *shared_sbl, deployment, config))
+                k_hat = found[name][-1].n_sources
             elif name == "sbl":
                 found[name].append(sparse_bayesian_learning(data, deployment, config))
                 k_hat = found[name][-1].n_sources  # its own count

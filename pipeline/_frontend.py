@@ -33,7 +33,7 @@ import torch
 from pipeline._config import ExperimentConfig, config_from_dict, config_to_dict
 from pipeline._data import SceneBatch
 from pipeline._grid import MusicGrid, music_grid
-from pipeline._metrics import localization_from_points, scene_success
+from pipeline._metrics import Localization, localization_from_points, scene_success
 from pipeline._physics import Deployment
 from pipeline._pursuit import coded_dictionary
 from pipeline._sbl import (
@@ -42,6 +42,7 @@ from pipeline._sbl import (
     _count,
     _sbl_powers,
     _State,
+    localization_of_states,
     sbl_grid_config,
 )
 
@@ -180,6 +181,41 @@ def refined_sources(measurements: torch.Tensor, k_hat: torch.Tensor, powers: lis
         out.append(state)
     return (torch.cat([s.points for s in out]), torch.cat([s.power for s in out]),
             torch.cat([s.active for s in out]))
+
+
+def rule_count(front: FrontEnd, settings: SblSettings | None = None) -> torch.Tensor:
+    """SBL's own count read off the drop path (B,): the most sources whose weakest gain clears
+    count_threshold + count_slope * log10(P / sigma^2), else 1. Walking the path down from
+    K_max, that is the first stage the rule keeps, where `_count` stops (`_stop_path`)."""
+    settings = settings or SblSettings()
+    clears = front.gain >= settings.count_threshold + settings.count_slope * front.ratio
+    sizes = torch.arange(1, front.k_max + 1, device=front.gain.device)
+    return torch.where(clears, sizes, 1).amax(-1)
+
+
+@torch.no_grad()
+def sbl_from_front_end(measurements: torch.Tensor, front: FrontEnd, powers: list[tuple],
+                       deployment: Deployment, config: ExperimentConfig,
+                       settings: SblSettings | None = None, *, chunk_size: int = 32
+                       ) -> Localization:
+    """What `sparse_bayesian_learning(measurements, deployment, config, settings=settings)`
+    returns (same chunks, same arithmetic), from a front end of the same measurements computed
+    with `front_end(..., keep_powers=True)`: its count from the path, then (refine_counted) its
+    K_hat peaks refined again, without running SBL a second time. Without refine_counted the
+    answer is the path's stage K_hat, equal to SBL's up to float rounding (its refinements ran
+    in batches of other scenes)."""
+    settings = settings or SblSettings()
+    k_hat = rule_count(front, settings)
+    if settings.refine_counted:
+        points, power, active = refined_sources(measurements, k_hat, powers, deployment, config,
+                                                settings, chunk_size=chunk_size)
+    else:
+        points, power, active = front.stage(k_hat)
+    states = [_State(points[start:start + chunk_size], power[start:start + chunk_size],
+                     active[start:start + chunk_size], front.noise[start:start + chunk_size, 0])
+              for start in range(0, measurements.shape[0], chunk_size)]
+    return localization_of_states(states, measurements.to(torch.complex64), deployment,
+                                  config.max_sources)
 
 
 _SCENES_PER_PROCESS = 128  # below this many scenes per core, one process does it all

@@ -526,19 +526,31 @@ def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
     if n_sources is not None:
         n_sources = n_sources.to(device=device, dtype=torch.long).clamp(0, k_max)
     measurements = measurements.to(torch.complex64)
-    points, scores, masks = [], [], []
+    states = []
     with torch.no_grad():
         for start in range(0, measurements.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
-            y = measurements[part]
             k_hat = None if n_sources is None else n_sources[part]
-            state = _localize_chunk(y, k_hat, deployment, grid, atoms_conj, k_max, settings)
-            point, power, active = state.points, state.power, state.active
-            energy = squared_magnitude(_coded_atoms(point, deployment)).sum(-1).mean(-1)
-            total = squared_magnitude(y).sum(-1).mean(-1).clamp_min(_TINY)
-            share = torch.where(active, power * energy / total[:, None], -1.0)
-            share, order = share.sort(dim=1, descending=True)
-            points.append(point.gather(1, order[..., None].expand(-1, -1, 3)))
-            masks.append(share >= 0.0)
-            scores.append(share.clamp(0.0, 1.0))
-    return localization_from_points(points, masks, scores, k_max, device)
+            states.append(_localize_chunk(measurements[part], k_hat, deployment, grid,
+                                          atoms_conj, k_max, settings))
+    return localization_of_states(states, measurements, deployment, k_max)
+
+
+def localization_of_states(states: list[_State], measurements: torch.Tensor,
+                           deployment: Deployment, k_max: int) -> Localization:
+    """SBL's answer from its final states (one per chunk of scenes, in order): the active
+    sources, strongest first, each scored by its share of the measurement power."""
+    points, scores, masks = [], [], []
+    start = 0
+    for state in states:
+        y = measurements[start:start + state.points.shape[0]]
+        start += state.points.shape[0]
+        point, power, active = state.points, state.power, state.active
+        energy = squared_magnitude(_coded_atoms(point, deployment)).sum(-1).mean(-1)
+        total = squared_magnitude(y).sum(-1).mean(-1).clamp_min(_TINY)
+        share = torch.where(active, power * energy / total[:, None], -1.0)
+        share, order = share.sort(dim=1, descending=True)
+        points.append(point.gather(1, order[..., None].expand(-1, -1, 3)))
+        masks.append(share >= 0.0)
+        scores.append(share.clamp(0.0, 1.0))
+    return localization_from_points(points, masks, scores, k_max, measurements.device)

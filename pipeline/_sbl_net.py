@@ -103,22 +103,30 @@ class SblCountNet(nn.Module):
                                       keep_powers=True)
         else:
             front = FrontEnd.unpack(frontend.to(measurements.device), k_max)
-        logits, locate, score = self.decide(path_features(front))
         if not self.training:
-            k_hat = score.argmax(-1) + 1
-            if powers is not None:
-                points, power, active = refined_sources(measurements, k_hat, powers,
-                                                        self.deployment, self.config)
-            else:
-                points, power, active = front.stage(k_hat)
-            return replace(self.output(points, power, active, logits), locate_logits=locate,
-                           k_score=score)
+            return self.answer(measurements, front, powers)
+        logits, locate, score = self.decide(path_features(front))
         # sum_k P(k) R_k: column j of stage k scaled by sqrt(P(k)), smoothly (no sqrt of 0)
         root = torch.exp(0.5 * F.log_softmax(logits.float(), dim=-1))  # (B, K)
         stages = self._factor(front.points, front.power, front.active)  # (B, K, N, K)
         factor = (stages * root[:, :, None, None]).permute(0, 2, 1, 3).flatten(2)
         output = self._output(factor, front.points[:, -1], front.active[:, -1], logits)
         return replace(output, locate_logits=locate, k_score=score)
+
+    def answer(self, measurements: torch.Tensor, front: FrontEnd, powers: list | None
+               ) -> ModelOutput:
+        """The eval-mode output from the scenes' front end: K_hat, then, with SBL's powers
+        (`front_end(..., keep_powers=True)`), SBL's K_hat peaks refined again with K_hat active;
+        without them (a cached front end), the path's stage K_hat."""
+        logits, locate, score = self.decide(path_features(front))
+        k_hat = score.argmax(-1) + 1
+        if powers is not None:
+            points, power, active = refined_sources(measurements, k_hat, powers,
+                                                    self.deployment, self.config)
+        else:
+            points, power, active = front.stage(k_hat)
+        return replace(self.output(points, power, active, logits), locate_logits=locate,
+                       k_score=score)
 
     def output(self, points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
                logits: torch.Tensor) -> ModelOutput:

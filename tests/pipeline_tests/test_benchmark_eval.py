@@ -98,3 +98,32 @@ def test_mcnemar_exact_is_the_two_sided_binomial_on_discordant_pairs() -> None:
     assert (test["learned_only"], test["versus_only"]) == (2, 1)
     assert test["success"] == 0.6 and test["versus_success"] == 0.4
     assert test["p_value"] == 1.0
+
+
+def test_sbl_count_checkpoints_share_one_sbl_per_scene(monkeypatch) -> None:
+    """For the SBL count network the evaluation runs SBL once per scene (the learned row's front
+    end); its SBL row is still exactly SBL's own answer, and the learned row still the model's."""
+    from pipeline import _sbl, build_model, sparse_bayesian_learning
+    from pipeline._model import predicted_count
+
+    config = replace(PRESETS["smoke"], model="sbl_count", fresh_train=False, lam_aux=0.0,
+                     lam_det=0.0)
+    deployment = Deployment.build(config)
+    torch.manual_seed(0)
+    model = build_model(config, deployment).eval()
+    scenes = SceneBatch.concat(evaluation_scenes(config, deployment, 40, 0))
+    own = sparse_bayesian_learning(scenes.measurements, deployment, config)
+    with torch.no_grad():
+        learned_k = predicted_count(model(scenes.measurements, scenes.fields))
+    runs = []
+    original = _sbl._sbl_powers
+    monkeypatch.setattr(_sbl, "_sbl_powers", lambda *a, **k: runs.append(1) or original(*a, **k))
+    monkeypatch.setattr("pipeline._frontend._sbl_powers", _sbl._sbl_powers)
+    result = _benchmark_eval.evaluate_model(model, config, deployment, n_scenes=40, seed=0)
+    assert len(runs) == 2  # the evaluation's 40 scenes are two SBL chunks of 32, run once each
+    for index, record in enumerate(result.scenes):
+        sbl = record["methods"]["sbl"]
+        assert sbl["n_sources"] == int(own.n_sources[index])
+        points = torch.stack([own.azimuth_rad, own.elevation_rad, own.range_m], -1)[index]
+        assert sbl["estimates"] == points[own.mask[index]].tolist()
+        assert record["methods"]["learned"]["n_sources"] == int(learned_k[index])

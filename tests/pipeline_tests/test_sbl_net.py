@@ -18,6 +18,8 @@ from pipeline._frontend import (
     cached_front_end,
     front_end,
     refined_sources,
+    rule_count,
+    sbl_from_front_end,
     with_front_end,
 )
 from pipeline._losses import compute_loss, covariances
@@ -144,6 +146,34 @@ def test_inference_refines_the_counted_sources_as_sbl_does(scenes):
         ours = getattr(mine, name).sort(-1).values
         theirs = getattr(sbl, name).sort(-1).values
         assert torch.allclose(ours, theirs, atol=1e-5), name
+
+
+def test_sbl_row_read_off_the_front_end_is_sbls_own_answer(scenes):
+    """hpo evaluate reads SBL's row off the learned row's front end instead of running SBL
+    again: the count, positions and scores must be exactly what SBL itself returns (its default
+    settings refine the counted peaks again from the same powers). Without that refinement the
+    answer is the drop path's stage, refined over other scenes' batches: the same up to float
+    rounding."""
+    from pipeline._sbl import SblSettings, sparse_bayesian_learning
+
+    deployment, batch, _, _ = scenes
+    for chunk in (32, 10):  # one chunk, and chunks with a partial last one
+        front, powers = front_end(batch.measurements, deployment, SMOKE, chunk_size=chunk,
+                                  keep_powers=True)
+        for settings in (SblSettings(), SblSettings(count_threshold=2.0, refine_counted=False)):
+            own = sparse_bayesian_learning(batch.measurements, deployment, SMOKE,
+                                           settings=settings, chunk_size=chunk)
+            read = sbl_from_front_end(batch.measurements, front, powers, deployment, SMOKE,
+                                      settings, chunk_size=chunk)
+            assert torch.equal(rule_count(front, settings), own.n_sources)
+            assert torch.equal(read.mask, own.mask)
+            for name in ("azimuth_rad", "elevation_rad", "range_m", "score"):
+                if settings.refine_counted:
+                    assert torch.equal(getattr(read, name), getattr(own, name)), (chunk, name)
+                else:
+                    torch.testing.assert_close(getattr(read, name), getattr(own, name),
+                                               atol=1e-5, rtol=1e-5)
+    assert len(set(own.n_sources.tolist())) > 1  # the counts differ across the scenes
 
 
 def test_music_on_r_blend_gives_back_the_models_positions():
