@@ -1,0 +1,162 @@
+"""Where coded SBL still loses scenes given the true K: in its search, or in the likelihood itself.
+
+On validation scenes (the val stream, as `sbl_tune`), each scene with its true K:
+
+- `sbl`: coded SBL's answer with the true K (what `sparse_bayesian_learning(n_sources=K)` gives);
+- `sbl + grid sweeps`: that answer, then two Gauss-Seidel sweeps in which each source may jump
+  to the point of highest likelihood gain on SBL's whole grid (not only the points SBL kept), the
+  others fixed, each sweep followed by SBL's likelihood refinement (a RELAX-like search that only
+  ever raises the likelihood);
+- `from the truth`: SBL's likelihood refinement started at the true positions, the local optimum
+  of the likelihood next to the truth (QUALITY.md's fit-from-truth proxy, here with SBL's
+  likelihood instead of least squares).
+
+For every scene where SBL fails and the fit from the truth succeeds, the two answers'
+likelihoods are compared (negative log-likelihood of the measurements, each source's power shared
+across snapshots): where the truth's optimum has the higher likelihood, a better search over the
+same likelihood could win the scene; where it has the lower one, no maximum-likelihood estimator
+can, whatever its search. SBL's own count on the same scenes is also run, for the gap the count
+leaves. Success as `hpo evaluate` scores it, per SNR bin.
+
+    python -m bench sbl_ceiling [--preset medium] [--scenes 1000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench import _harness as harness
+from pipeline import Deployment, SblSettings, load_split, preset, sparse_bayesian_learning
+from pipeline._grid import music_grid
+from pipeline._metrics import localization_from_points, scene_success
+from pipeline._pursuit import _coded_atoms, coded_dictionary
+from pipeline._sbl import (
+    _candidates,
+    _gains,
+    _inverse,
+    _model_covariance,
+    _refine,
+    _sbl_powers,
+    sbl_grid_config,
+)
+
+SNR_BINS = ((-5.0, 0.0), (0.0, 5.0), (5.0, 10.0), (10.0, 15.0), (15.0, 20.01))
+_MARGIN_NATS = 0.5  # a likelihood difference below this counts as a tie
+
+
+def _nll(points, power, active, noise, y, deployment) -> torch.Tensor:
+    """sum_l (log det Sigma_l + y_l^H Sigma_l^-1 y_l) per scene (b,)."""
+    atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)
+    factor = torch.linalg.cholesky(_model_covariance(atoms, power * active, noise))
+    log_det = 2.0 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1).real).sum(-1)
+    white = torch.linalg.solve_triangular(factor, y[..., None], upper=False).squeeze(-1)
+    return (log_det + white.abs().square().sum(-1)).sum(-1)
+
+
+def _grid_sweep(points, power, active, noise, y, deployment, dictionary, grid_points):
+    """One sweep: each active source, the others fixed, jumps to the grid point of highest gain
+    on the whole grid where that beats its own gain. dictionary (L, M, G) coded atoms."""
+    points, power = points.clone(), power.clone()
+    for k in range(points.shape[1]):
+        if not active[:, k].any():
+            continue
+        atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)
+        others = power * active
+        others[:, k] = 0.0
+        inverse = _inverse(_model_covariance(atoms, others, noise))
+        weighted = (inverse @ y[..., None]).squeeze(-1)
+        own, own_power = _gains(inverse, weighted, atoms[..., k].unsqueeze(1))
+        solved = torch.einsum("blmn,lng->blmg", inverse, dictionary)
+        s = (dictionary.conj()[None] * solved).real.sum(2).clamp_min(1e-12).transpose(1, 2)
+        q = torch.einsum("blm,lmg->blg", weighted.conj(), dictionary).abs().square()
+        q = q.transpose(1, 2)  # (b, G, L), as s
+        # The same power fixed point and gain as pipeline._sbl._gains, on every grid point.
+        p = ((q - s).sum(-1) / s.square().sum(-1)).clamp_min(0.0)
+        for _ in range(6):
+            denominator = 1.0 + p[..., None] * s
+            p = p * (q / denominator.square()).sum(-1) / (s / denominator).sum(-1)
+        ps = p[..., None] * s
+        gain = (p[..., None] * q / (1.0 + ps) - torch.log1p(ps)).sum(-1).clamp_min(0.0)
+        best_gain, best = gain.max(-1)
+        better = active[:, k] & (best_gain > own[:, 0])
+        points[:, k] = torch.where(better[:, None], grid_points[best], points[:, k])
+        power[:, k] = torch.where(better, p.gather(1, best[:, None]).squeeze(1), own_power[:, 0])
+    return points, power
+
+
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--scenes", type=int, default=1000, help="validation scenes")
+    parser.add_argument("--chunk", type=int, default=16, help="scenes per batch")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = preset(args.preset)
+    deployment = Deployment.build(config)
+    settings = SblSettings()
+    harness.header(args, torch.device("cpu"))
+    scenes = load_split(config, deployment, "val", args.scenes, chunk=250)
+    grid_config = sbl_grid_config(config, settings)
+    grid = music_grid(grid_config, deployment)
+    atoms_conj, _ = coded_dictionary(grid_config, deployment)
+    dictionary = atoms_conj.conj().resolve_conj()
+    grid_points = grid.point_at(torch.arange(dictionary.shape[-1]))
+    k_max = config.max_sources
+    names = ("sbl", "sbl + grid sweeps", "from the truth")
+    won: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    truth_likelier: list[torch.Tensor] = []
+    sweep_seconds = 0.0
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, scenes.size, args.chunk):
+            part = scenes.select(torch.arange(start, min(start + args.chunk, scenes.size)))
+            y = part.measurements.to(torch.complex64)
+            k = part.n_sources
+            powers = _sbl_powers(y, atoms_conj, grid, k_max, settings)
+            sbl = _candidates(y, k, deployment, grid, atoms_conj, k_max, settings, powers=powers)
+            active = sbl.active
+            clock = time.perf_counter()
+            points, power, noise = sbl.points, sbl.power, sbl.noise
+            for _ in range(2):
+                points, power = _grid_sweep(points, power, active, noise, y, deployment,
+                                            dictionary, grid_points)
+                points, power, noise = _refine(points, power, active, noise, y, deployment,
+                                               grid, settings.refine_rounds)
+            sweep_seconds += time.perf_counter() - clock
+            truth = torch.stack([part.azimuth_rad, part.elevation_rad,
+                                 1.0 / part.range_m.clamp_min(1e-3)], -1)
+            truth = torch.where(active[..., None], truth, sbl.points)
+            fit, fit_power, fit_noise = _refine(truth, sbl.power, active, sbl.noise, y,
+                                                deployment, grid, 2 * settings.refine_rounds)
+            answers = {"sbl": sbl.points, "sbl + grid sweeps": points, "from the truth": fit}
+            for name, found in answers.items():
+                where = localization_from_points([found], [active], [sbl.power], k_max, "cpu")
+                won[name].append(torch.as_tensor(scene_success(where, k, part)))
+            truth_likelier.append(
+                _nll(fit, fit_power, active, fit_noise, y, deployment)
+                < _nll(sbl.points, sbl.power, active, sbl.noise, y, deployment) - _MARGIN_NATS)
+            harness.note(f"{start + part.size}/{scenes.size} scenes, "
+                         f"{time.perf_counter() - started:.0f} s")
+    own = sparse_bayesian_learning(scenes.measurements, deployment, config, settings=settings)
+    own_won = torch.as_tensor(scene_success(own, own.n_sources, scenes))
+    result = {"preset": args.preset, "split": "val", "n_scenes": scenes.size,
+              "grid sweeps: s per scene": sweep_seconds / scenes.size}
+    columns = {name: torch.cat(won[name]).bool() for name in names}
+    columns["sbl, own K"] = own_won.bool()
+    likelier = torch.cat(truth_likelier)
+    lost = ~columns["sbl"] & columns["from the truth"]
+    columns["search loss (truth likelier)"] = lost & likelier
+    columns["likelihood loss (truth less likely)"] = lost & ~likelier
+    snr = scenes.snr_db
+    header = "| row | " + " | ".join(f"{lo:g}..{min(hi, 20):g}" for lo, hi in SNR_BINS)
+    harness.note(header + " | all |")
+    for name, column in columns.items():
+        shares = [float(column[(snr >= lo) & (snr < hi)].float().mean()) for lo, hi in SNR_BINS]
+        overall = float(column.float().mean())
+        result[name] = {"by SNR bin": shares, "all": overall}
+        harness.note(f"| {name} | " + " | ".join(f"{v:.3f}" for v in shares)
+                     + f" | {overall:.3f} |")
+    harness.emit(result)
