@@ -51,6 +51,10 @@ _ALL = (
               "given the true K, how many scenes coded SBL loses in its search (the truth's "
               "local optimum is likelier) and how many in the likelihood itself: what any "
               "search over SBL's likelihood can still add (issue 16); no figure to hold"),
+    Benchmark("sbl_count_curve", "pipeline",
+              "whether the SBL count network is short of training scenes or of inputs: its "
+              "held-out success against N, and with the whole front end as input (issue 16); "
+              "no figure to hold"),
     Benchmark("sbl_tune", "pipeline",
               "coded SBL's grid, iterations and count rule chosen on validation scenes, never "
               "test scenes (issue 16); a sweep, no figure to hold"),

@@ -36,7 +36,6 @@ def report(
     import optuna
 
     from hpo._errors import OutputNotWritable, ReportError
-    from hpo._outdir import prepare_out_dir
     from hpo._report import write_report
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -46,10 +45,11 @@ def report(
             f"study {the_study.study_name!r} has no trials yet; nothing to report", EXIT_INCOMPLETE
         )
     try:
-        prepare_out_dir(out)  # before any plotting: a bad --out costs nothing
-        result = write_report(the_study, out, store=location.describe())
+        result = write_report(the_study, out, store=location.describe())  # checks --out first
+    except OutputNotWritable as error:
+        fail(str(error), EXIT_USAGE)
     except ReportError as error:
-        fail(str(error), EXIT_USAGE if isinstance(error, OutputNotWritable) else EXIT_INCOMPLETE)
+        fail(str(error), EXIT_INCOMPLETE)
     if as_json:
         typer.echo(json.dumps({**result.summary, "out": str(out)}))
         return

@@ -31,8 +31,9 @@ class NothingToReport(ReportError):
     """The study has no finished trial."""
 
 
-class OutputNotWritable(ReportError):
-    """The output directory cannot be created or written."""
+class OutputNotWritable(HpoError):
+    """The output directory of a command (train, evaluate, report) cannot be created or
+    written."""
 
 
 class DashboardError(HpoError):

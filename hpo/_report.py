@@ -44,8 +44,8 @@ class Report:
 def write_report(study: optuna.Study, out_dir: Path, *, store: str) -> Report:
     """Write the figures, `plots.html`, `summary.md` and `summary.json` of `study` to `out_dir`.
 
-    `store` names the store in the summary (no password). ReportError if the study has no
-    finished trial (NothingToReport) or `out_dir` cannot be written (OutputNotWritable).
+    `store` names the store in the summary (no password). NothingToReport if the study has no
+    finished trial, OutputNotWritable if `out_dir` cannot be written.
     """
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state.is_finished()]

@@ -531,21 +531,23 @@ def sparse_bayesian_learning(measurements: torch.Tensor, deployment: Deployment,
         for start in range(0, measurements.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             k_hat = None if n_sources is None else n_sources[part]
-            states.append(_localize_chunk(measurements[part], k_hat, deployment, grid,
-                                          atoms_conj, k_max, settings))
+            state = _localize_chunk(measurements[part], k_hat, deployment, grid, atoms_conj,
+                                    k_max, settings)
+            states.append((state.points, state.power, state.active))
     return localization_of_states(states, measurements, deployment, k_max)
 
 
-def localization_of_states(states: list[_State], measurements: torch.Tensor,
-                           deployment: Deployment, k_max: int) -> Localization:
-    """SBL's answer from its final states (one per chunk of scenes, in order): the active
-    sources, strongest first, each scored by its share of the measurement power."""
+def localization_of_states(states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                           measurements: torch.Tensor, deployment: Deployment, k_max: int
+                           ) -> Localization:
+    """SBL's answer from its final sources, (points (b, K, 3), power (b, K), active (b, K)) per
+    chunk of scenes in order: the active ones, strongest first, each scored by its share of the
+    measurement power."""
     points, scores, masks = [], [], []
     start = 0
-    for state in states:
-        y = measurements[start:start + state.points.shape[0]]
-        start += state.points.shape[0]
-        point, power, active = state.points, state.power, state.active
+    for point, power, active in states:
+        y = measurements[start:start + point.shape[0]]
+        start += point.shape[0]
         energy = squared_magnitude(_coded_atoms(point, deployment)).sum(-1).mean(-1)
         total = squared_magnitude(y).sum(-1).mean(-1).clamp_min(_TINY)
         share = torch.where(active, power * energy / total[:, None], -1.0)

@@ -5,18 +5,20 @@ On validation scenes (the val stream, as `sbl_tune`), each scene with its true K
 - `sbl`: coded SBL's answer with the true K (what `sparse_bayesian_learning(n_sources=K)` gives);
 - `sbl + grid sweeps`: that answer, then two Gauss-Seidel sweeps in which each source may jump
   to the point of highest likelihood gain on SBL's whole grid (not only the points SBL kept), the
-  others fixed, each sweep followed by SBL's likelihood refinement (a RELAX-like search that only
-  ever raises the likelihood);
-- `from the truth`: SBL's likelihood refinement started at the true positions, the local optimum
-  of the likelihood next to the truth (QUALITY.md's fit-from-truth proxy, here with SBL's
-  likelihood instead of least squares).
+  others fixed (each jump raises the likelihood), each sweep followed by SBL's likelihood
+  refinement: a RELAX-like search;
+- `from the truth`: SBL's likelihood refinement started at the true positions, each with an
+  equal share of SBL's total power: the local optimum of the likelihood next to the truth
+  (QUALITY.md's fit-from-truth proxy, here with SBL's likelihood instead of least squares).
 
 For every scene where SBL fails and the fit from the truth succeeds, the two answers'
 likelihoods are compared (negative log-likelihood of the measurements, each source's power shared
-across snapshots): where the truth's optimum has the higher likelihood, a better search over the
-same likelihood could win the scene; where it has the lower one, no maximum-likelihood estimator
-can, whatever its search. SBL's own count on the same scenes is also run, for the gap the count
-leaves. Success as `hpo evaluate` scores it, per SNR bin.
+across snapshots): where the truth's optimum is likelier by more than 0.5 nats, a better search
+over the same likelihood could win the scene; where it is less likely by more than that, no
+maximum-likelihood estimator can, whatever its search; in between is a tie. SBL's own count on
+the same scenes is also run, for the gap the count leaves, and SBL's failures with the true K are
+split by what failed: an angle, or only the range. Success as `hpo evaluate` scores it, per SNR
+bin.
 
     python -m bench sbl_ceiling [--preset medium] [--scenes 1000] [--threads 2]
 """
@@ -25,12 +27,27 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from bench import _harness as harness
-from pipeline import Deployment, SblSettings, load_split, preset, sparse_bayesian_learning
+from pipeline import (
+    Deployment,
+    Localization,
+    SblSettings,
+    load_split,
+    preset,
+    sparse_bayesian_learning,
+)
 from pipeline._grid import music_grid
-from pipeline._metrics import localization_from_points, scene_success
+from pipeline._metrics import (
+    SUCCESS_AZIMUTH_DEG,
+    SUCCESS_ELEVATION_DEG,
+    in_success_box,
+    localization_from_points,
+    matched_errors,
+    scene_success,
+)
 from pipeline._pursuit import _coded_atoms, coded_dictionary
 from pipeline._sbl import (
     _candidates,
@@ -107,7 +124,8 @@ def main(argv: list[str]) -> None:
     k_max = config.max_sources
     names = ("sbl", "sbl + grid sweeps", "from the truth")
     won: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    truth_likelier: list[torch.Tensor] = []
+    margins: list[torch.Tensor] = []  # NLL(SBL) - NLL(fit from the truth), nats
+    sbl_found = []
     sweep_seconds = 0.0
     started = time.perf_counter()
     with torch.no_grad():
@@ -129,15 +147,17 @@ def main(argv: list[str]) -> None:
             truth = torch.stack([part.azimuth_rad, part.elevation_rad,
                                  1.0 / part.range_m.clamp_min(1e-3)], -1)
             truth = torch.where(active[..., None], truth, sbl.points)
-            fit, fit_power, fit_noise = _refine(truth, sbl.power, active, sbl.noise, y,
+            share = sbl.power.sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp_min(1)
+            fit, fit_power, fit_noise = _refine(truth, share * active, active, sbl.noise, y,
                                                 deployment, grid, 2 * settings.refine_rounds)
             answers = {"sbl": sbl.points, "sbl + grid sweeps": points, "from the truth": fit}
             for name, found in answers.items():
                 where = localization_from_points([found], [active], [sbl.power], k_max, "cpu")
                 won[name].append(torch.as_tensor(scene_success(where, k, part)))
-            truth_likelier.append(
-                _nll(fit, fit_power, active, fit_noise, y, deployment)
-                < _nll(sbl.points, sbl.power, active, sbl.noise, y, deployment) - _MARGIN_NATS)
+                if name == "sbl":
+                    sbl_found.append(where)
+            margins.append(_nll(sbl.points, sbl.power, active, sbl.noise, y, deployment)
+                           - _nll(fit, fit_power, active, fit_noise, y, deployment))
             harness.note(f"{start + part.size}/{scenes.size} scenes, "
                          f"{time.perf_counter() - started:.0f} s")
     own = sparse_bayesian_learning(scenes.measurements, deployment, config, settings=settings)
@@ -146,10 +166,23 @@ def main(argv: list[str]) -> None:
               "grid sweeps: s per scene": sweep_seconds / scenes.size}
     columns = {name: torch.cat(won[name]).bool() for name in names}
     columns["sbl, own K"] = own_won.bool()
-    likelier = torch.cat(truth_likelier)
+    margin = torch.cat(margins)
     lost = ~columns["sbl"] & columns["from the truth"]
-    columns["search loss (truth likelier)"] = lost & likelier
-    columns["likelihood loss (truth less likely)"] = lost & ~likelier
+    columns["search loss (truth likelier)"] = lost & (margin > _MARGIN_NATS)
+    columns["tie (within 0.5 nats)"] = lost & (margin.abs() <= _MARGIN_NATS)
+    columns["likelihood loss (truth less likely)"] = lost & (margin < -_MARGIN_NATS)
+    # SBL's failures with the true K, by what failed: an angle, or only the range.
+    errors = matched_errors(Localization.cat(sbl_found), scenes)
+    outside = ~in_success_box(errors)
+    angle = (errors["azimuth_deg"] > SUCCESS_AZIMUTH_DEG) | (
+        errors["elevation_deg"] > SUCCESS_ELEVATION_DEG)
+    by_angle = torch.as_tensor(
+        np.bincount(errors["scene"][outside & angle], minlength=scenes.size) > 0)
+    by_range = torch.as_tensor(
+        np.bincount(errors["scene"][outside & ~angle], minlength=scenes.size) > 0)
+    columns["sbl fails by an angle"] = ~columns["sbl"] & by_angle
+    columns["sbl fails by the range only"] = ~columns["sbl"] & by_range & ~by_angle
+    columns["sbl fails otherwise (a source unmatched)"] = ~columns["sbl"] & ~by_angle & ~by_range
     snr = scenes.snr_db
     header = "| row | " + " | ".join(f"{lo:g}..{min(hi, 20):g}" for lo, hi in SNR_BINS)
     harness.note(header + " | all |")

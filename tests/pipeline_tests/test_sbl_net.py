@@ -150,10 +150,10 @@ def test_inference_refines_the_counted_sources_as_sbl_does(scenes):
 
 def test_sbl_row_read_off_the_front_end_is_sbls_own_answer(scenes):
     """hpo evaluate reads SBL's row off the learned row's front end instead of running SBL
-    again: the count, positions and scores must be exactly what SBL itself returns (its default
-    settings refine the counted peaks again from the same powers). Without that refinement the
-    answer is the drop path's stage, refined over other scenes' batches: the same up to float
-    rounding."""
+    again: the count, positions and scores must be exactly what SBL itself returns on these
+    scenes (its default settings refine the counted peaks again from the same powers). Without
+    that refinement the answer is the drop path's stage, refined over other scenes' batches: the
+    same up to float rounding."""
     from pipeline._sbl import SblSettings, sparse_bayesian_learning
 
     deployment, batch, _, _ = scenes
@@ -166,6 +166,7 @@ def test_sbl_row_read_off_the_front_end_is_sbls_own_answer(scenes):
             read = sbl_from_front_end(batch.measurements, front, powers, deployment, SMOKE,
                                       settings, chunk_size=chunk)
             assert torch.equal(rule_count(front, settings), own.n_sources)
+            assert len(set(own.n_sources.tolist())) > 1  # the counts differ across the scenes
             assert torch.equal(read.mask, own.mask)
             for name in ("azimuth_rad", "elevation_rad", "range_m", "score"):
                 if settings.refine_counted:
@@ -173,7 +174,8 @@ def test_sbl_row_read_off_the_front_end_is_sbls_own_answer(scenes):
                 else:
                     torch.testing.assert_close(getattr(read, name), getattr(own, name),
                                                atol=1e-5, rtol=1e-5)
-    assert len(set(own.n_sources.tolist())) > 1  # the counts differ across the scenes
+    with pytest.raises(ValueError, match="chunk_size=32"):  # powers of other chunks
+        sbl_from_front_end(batch.measurements, front, powers, deployment, SMOKE)
 
 
 def test_music_on_r_blend_gives_back_the_models_positions():
