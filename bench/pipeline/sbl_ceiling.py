@@ -172,7 +172,8 @@ def main(argv: list[str]) -> None:
     columns["tie (within 0.5 nats)"] = lost & (margin.abs() <= _MARGIN_NATS)
     columns["likelihood loss (truth less likely)"] = lost & (margin < -_MARGIN_NATS)
     # SBL's failures with the true K, by what failed: an angle, or only the range.
-    errors = matched_errors(Localization.cat(sbl_found), scenes)
+    sbl_all = Localization.cat(sbl_found)
+    errors = matched_errors(sbl_all, scenes)
     outside = ~in_success_box(errors)
     angle = (errors["azimuth_deg"] > SUCCESS_AZIMUTH_DEG) | (
         errors["elevation_deg"] > SUCCESS_ELEVATION_DEG)
@@ -183,6 +184,18 @@ def main(argv: list[str]) -> None:
     columns["sbl fails by an angle"] = ~columns["sbl"] & by_angle
     columns["sbl fails by the range only"] = ~columns["sbl"] & by_range & ~by_angle
     columns["sbl fails otherwise (a source unmatched)"] = ~columns["sbl"] & ~by_angle & ~by_range
+    # The range errors of the pairs that fail by the range only: bias or spread?
+    range_only = outside & ~angle
+    signed = (sbl_all.range_m.numpy()[errors["scene"], errors["est_slot"]]
+              - errors["true_range_m"])[range_only]
+    if signed.size:
+        result["range-only pairs"] = {
+            "n": int(signed.size),
+            "estimate - truth, m, quantiles 10/25/50/75/90": np.quantile(
+                signed, [0.1, 0.25, 0.5, 0.75, 0.9]).round(3).tolist(),
+            "true range, m, quantiles 10/50/90": np.quantile(
+                errors["true_range_m"][range_only], [0.1, 0.5, 0.9]).round(2).tolist()}
+        harness.note(f"range-only pairs: {result['range-only pairs']}")
     snr = scenes.snr_db
     header = "| row | " + " | ".join(f"{lo:g}..{min(hi, 20):g}" for lo, hi in SNR_BINS)
     harness.note(header + " | all |")
