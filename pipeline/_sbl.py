@@ -288,7 +288,8 @@ def _gains(inverse: torch.Tensor, weighted: torch.Tensor, candidates: torch.Tens
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each candidate's likelihood gain and power against a model without it.
 
-    inverse (P, L, M, M) = Q^-1, weighted (P, L, M) = Q^-1 y, candidates (P, S, L, M) coded atoms.
+    inverse (P, L, M, M) = Q^-1, weighted (P, L, M) = Q^-1 y, candidates (P, S, L, M) coded atoms
+    (or (1, S, L, M): the same candidates for every P, broadcast).
     Returns gain (P, S) in nats, max over p >= 0 of sum_l [p q_l/(1 + p s_l) - log(1 + p s_l)],
     and the maximising power (P, S).
     """
@@ -353,7 +354,8 @@ def _jump(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor, noise
     """One sweep over the sources in turn (Gauss-Seidel): each moves to the kept grid point of
     highest gain where that beats its own gain, the others fixed.
 
-    kept_points (b, n_kept, 3) and kept_atoms (b, n_kept, L, M): the grid points SBL kept.
+    kept_points (b, n_kept, 3) and kept_atoms (b, n_kept, L, M): the grid points SBL kept (or
+    kept_atoms (1, n, L, M), candidates shared by every scene, broadcast by `_gains`).
     Returns points and power.
     """
     for k in range(points.shape[1]):

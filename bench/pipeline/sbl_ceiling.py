@@ -51,8 +51,7 @@ from pipeline._metrics import (
 from pipeline._pursuit import _coded_atoms, coded_dictionary
 from pipeline._sbl import (
     _candidates,
-    _gains,
-    _inverse,
+    _jump,
     _model_covariance,
     _refine,
     _sbl_powers,
@@ -73,34 +72,15 @@ def _nll(points, power, active, noise, y, deployment) -> torch.Tensor:
 
 
 def _grid_sweep(points, power, active, noise, y, deployment, dictionary, grid_points):
-    """One sweep: each active source, the others fixed, jumps to the grid point of highest gain
-    on the whole grid where that beats its own gain. dictionary (L, M, G) coded atoms."""
-    points, power = points.clone(), power.clone()
-    for k in range(points.shape[1]):
-        if not active[:, k].any():
-            continue
-        atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)
-        others = power * active
-        others[:, k] = 0.0
-        inverse = _inverse(_model_covariance(atoms, others, noise))
-        weighted = (inverse @ y[..., None]).squeeze(-1)
-        own, own_power = _gains(inverse, weighted, atoms[..., k].unsqueeze(1))
-        solved = torch.einsum("blmn,lng->blmg", inverse, dictionary)
-        s = (dictionary.conj()[None] * solved).real.sum(2).clamp_min(1e-12).transpose(1, 2)
-        q = torch.einsum("blm,lmg->blg", weighted.conj(), dictionary).abs().square()
-        q = q.transpose(1, 2)  # (b, G, L), as s
-        # The same power fixed point and gain as pipeline._sbl._gains, on every grid point.
-        p = ((q - s).sum(-1) / s.square().sum(-1)).clamp_min(0.0)
-        for _ in range(6):
-            denominator = 1.0 + p[..., None] * s
-            p = p * (q / denominator.square()).sum(-1) / (s / denominator).sum(-1)
-        ps = p[..., None] * s
-        gain = (p[..., None] * q / (1.0 + ps) - torch.log1p(ps)).sum(-1).clamp_min(0.0)
-        best_gain, best = gain.max(-1)
-        better = active[:, k] & (best_gain > own[:, 0])
-        points[:, k] = torch.where(better[:, None], grid_points[best], points[:, k])
-        power[:, k] = torch.where(better, p.gather(1, best[:, None]).squeeze(1), own_power[:, 0])
-    return points, power
+    """One sweep of SBL's own jump (`pipeline._sbl._jump`: each active source in turn, the others
+    fixed, moves to the candidate of highest gain where that beats its own), its candidates every
+    point of the grid, shared by the scenes, instead of the points SBL kept. dictionary (L, M, G)
+    coded atoms, grid_points (G, 3)."""
+    n_batch = y.shape[0]
+    every_point = grid_points.expand(n_batch, -1, -1)
+    every_atom = dictionary.permute(2, 0, 1)[None]  # (1, G, L, M): broadcast over the scenes
+    return _jump(points.clone(), power.clone(), active, noise, y, deployment, every_point,
+                 every_atom)
 
 
 def main(argv: list[str]) -> None:

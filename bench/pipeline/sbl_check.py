@@ -31,11 +31,6 @@ from pipeline import (
 )
 
 
-def _select(found: Localization, index: torch.Tensor) -> Localization:
-    return Localization(found.azimuth_rad[index], found.elevation_rad[index],
-                        found.range_m[index], found.mask[index], found.score[index])
-
-
 def _breakdown(found: Localization, scenes: SceneBatch, k_hat: torch.Tensor, config) -> dict:
     row = {"success": localization_metrics(found, scenes, k_hat, config=config)["success_rate"],
            "k_accuracy": float((k_hat == scenes.n_sources).float().mean())}
@@ -43,13 +38,13 @@ def _breakdown(found: Localization, scenes: SceneBatch, k_hat: torch.Tensor, con
         inside = ((scenes.snr_db >= low) & (scenes.snr_db < high)).nonzero().squeeze(-1)
         if inside.numel():
             row[f"success {low:g}..{min(high, 20):g} dB"] = localization_metrics(
-                _select(found, inside), scenes.select(inside), k_hat[inside],
+                found.select(inside), scenes.select(inside), k_hat[inside],
                 config=config)["success_rate"]
     for k in range(1, config.max_sources + 1):
         inside = (scenes.n_sources == k).nonzero().squeeze(-1)
         if inside.numel():
             row[f"success K={k}"] = localization_metrics(
-                _select(found, inside), scenes.select(inside), k_hat[inside],
+                found.select(inside), scenes.select(inside), k_hat[inside],
                 config=config)["success_rate"]
     return row
 

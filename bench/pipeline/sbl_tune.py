@@ -67,20 +67,16 @@ def _score(found, scenes, k_hat, config) -> dict:
     row["k_accuracy"] = metrics["k_accuracy"]
     for low, top in SNR_BINS:
         inside = ((scenes.snr_db >= low) & (scenes.snr_db < top)).nonzero().squeeze(-1)
-        part = _select(found, inside)
+        part = found.select(inside)
         m = localization_metrics(part, scenes.select(inside), k_hat[inside], config=config)
         row[f"success {low:g}..{min(top, 20):g}"] = m["success_rate"]
         row[f"k_accuracy {low:g}..{min(top, 20):g}"] = m["k_accuracy"]
     index = high.nonzero().squeeze(-1)
-    m = localization_metrics(_select(found, index), scenes.select(index), k_hat[index],
+    m = localization_metrics(found.select(index), scenes.select(index), k_hat[index],
                              config=config)
     row["success >=10dB"] = m["success_rate"]
     row["n >=10dB"] = int(index.numel())
     return row
-
-
-def _select(found, index):
-    return type(found)(*(getattr(found, f.name)[index] for f in dataclasses.fields(found)))
 
 
 def _run(name, settings, scenes, deployment, config, *, true_k: bool) -> dict:
@@ -120,8 +116,7 @@ def _stop(paths: list, settings: SblSettings) -> Localization:
         mask, point = state.active, state.points
         parts.append(Localization(point[..., 0] * mask, point[..., 1] * mask,
                                   (1.0 / point[..., 2]) * mask, mask, mask.float()))
-    return Localization(*(torch.cat([getattr(p, f.name) for p in parts])
-                          for f in dataclasses.fields(Localization)))
+    return Localization.cat(parts)
 
 
 def main(argv: list[str]) -> None:
