@@ -230,7 +230,12 @@ def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_pe
         if iteration == settings.prune_after and settings.n_kept < n_grid:
             gamma, order = gamma.topk(settings.n_kept, dim=-1)
             kept = order
-            atoms = _gather_atoms(dictionary, kept)  # (b, L, M, n_kept)
+            atoms = _gather_atoms(dictionary, kept)  # (b, L, M, n_kept), a permuted view
+            # Fixed from here on: the covariance's factors laid out for its matmul once (it
+            # would copy the permuted view in every iteration), the conjugates materialised once.
+            packed = atoms.contiguous()
+            conj_atoms = atoms.conj().resolve_conj()
+            adjoint = conj_atoms.transpose(-2, -1).contiguous()  # (b, L, n_kept, M)
         if atoms is None:
             sigma = _hermitian_from_basis(gamma @ basis.T, n_snap, n_meas, noise)
             inverse = _inverse(sigma)
@@ -239,12 +244,12 @@ def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_pe
             numerator = squared_magnitude(
                 torch.bmm(weighted.transpose(0, 1), atoms_conj)).sum(0)
         else:
-            inverse = _inverse(_model_covariance(atoms, gamma, noise))
-            solved = inverse @ atoms  # (b, L, M, n_kept)
-            denominator = (atoms.conj() * solved).real.sum(dim=(1, 2))
+            inverse = _inverse(_model_covariance(packed, gamma, noise, adjoint=adjoint))
+            solved = inverse @ packed  # (b, L, M, n_kept)
+            denominator = (conj_atoms * solved).real.sum(dim=(1, 2))
             weighted = (inverse @ y[..., None]).squeeze(-1)
             numerator = squared_magnitude(
-                (weighted[..., None, :].conj() @ atoms).squeeze(-2)).sum(1)
+                (weighted[..., None, :].conj() @ packed).squeeze(-2)).sum(1)
         gamma = gamma * numerator / denominator.clamp_min(_TINY)
         # Noise from the residual outside the strongest peaks (on the kept points' volume).
         full = gamma.new_zeros(n_batch, n_grid).scatter(1, kept, gamma)
@@ -255,13 +260,16 @@ def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_pe
     return gamma, kept, noise
 
 
-def _model_covariance(atoms: torch.Tensor, power: torch.Tensor, noise: torch.Tensor
-                      ) -> torch.Tensor:
+def _model_covariance(atoms: torch.Tensor, power: torch.Tensor, noise: torch.Tensor, *,
+                      adjoint: torch.Tensor | None = None) -> torch.Tensor:
     """Sigma_l = sum_k p_k d_k d_k^H + sigma^2 I.
 
-    atoms (b, L, M, K), power (b, K), noise (b,) -> (b, L, M, M) complex64.
+    atoms (b, L, M, K), power (b, K), noise (b,) -> (b, L, M, M) complex64. `adjoint`: the
+    atoms' conjugate transpose (b, L, K, M), if already materialised (the same values).
     """
-    sigma = (atoms * power[:, None, None, :].to(atoms.dtype)) @ atoms.conj().transpose(-2, -1)
+    if adjoint is None:
+        adjoint = atoms.conj().transpose(-2, -1)
+    sigma = (atoms * power[:, None, None, :].to(atoms.dtype)) @ adjoint
     index = torch.arange(atoms.shape[2], device=atoms.device)
     sigma[..., index, index] += noise[:, None, None].to(sigma.dtype)
     return sigma
