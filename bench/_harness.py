@@ -62,6 +62,20 @@ def add_scene_options(parser: argparse.ArgumentParser, *, repeats: int) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def cpu_system(args: argparse.Namespace) -> tuple[Any, Any]:
+    """For an offline probe with --preset and --threads: torch's threads set, the header printed
+    (device cpu), then (config, deployment) of the preset."""
+    import torch
+
+    from pipeline import Deployment, preset
+
+    torch.set_num_threads(args.threads)
+    config = preset(args.preset)
+    deployment = Deployment.build(config)
+    header(args, torch.device("cpu"))
+    return config, deployment
+
+
 def timing_scenes(args: argparse.Namespace) -> tuple[Any, ...]:
     """For `add_scene_options`' arguments: torch's threads set, then (device, config, deployment,
     scenes), the scenes drawn from TIMING_SEED."""

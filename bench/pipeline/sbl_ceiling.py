@@ -32,11 +32,9 @@ import torch
 
 from bench import _harness as harness
 from pipeline import (
-    Deployment,
     Localization,
     SblSettings,
     load_split,
-    preset,
     sparse_bayesian_learning,
 )
 from pipeline._grid import music_grid
@@ -90,11 +88,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--chunk", type=int, default=16, help="scenes per batch")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config = preset(args.preset)
-    deployment = Deployment.build(config)
+    config, deployment = harness.cpu_system(args)
     settings = SblSettings()
-    harness.header(args, torch.device("cpu"))
     scenes = load_split(config, deployment, "val", args.scenes, chunk=250)
     grid_config = sbl_grid_config(config, settings)
     grid = music_grid(grid_config, deployment)

@@ -19,14 +19,12 @@ import torch
 from bench import _harness as harness
 from pipeline import (
     SCENE_CHUNK,
-    Deployment,
     Localization,
     SblSettings,
     SceneBatch,
     evaluation_scenes,
     localization_metrics,
     matching_pursuit,
-    preset,
     sparse_bayesian_learning,
 )
 
@@ -57,10 +55,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (as hpo evaluate)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config = preset(args.preset)
-    deployment = Deployment.build(config)
-    harness.header(args, torch.device("cpu"))
+    config, deployment = harness.cpu_system(args)
     # Draw whole chunks of hpo evaluate's scenes until enough lie at or above --min-snr.
     share = (config.snr_db_max - args.min_snr) / (config.snr_db_max - config.snr_db_min)
     n_draw = SCENE_CHUNK * math.ceil(args.scenes / max(share, 1e-3) / SCENE_CHUNK)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import _harness as harness
-from pipeline import Deployment, build_model, load_split, preset, replace
+from pipeline import build_model, load_split, replace
 from pipeline._frontend import FrontEnd, rule_count, with_front_end
 from pipeline._sbl_net import path_features
 
@@ -98,10 +98,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config = preset(args.preset)
-    deployment = Deployment.build(config)
-    harness.header(args, torch.device("cpu"))
+    config, deployment = harness.cpu_system(args)
     if max(args.sizes) + args.held_out > config.n_train:
         parser.error(f"--sizes and --held-out need {max(args.sizes) + args.held_out} scenes, but "
                      f"{args.preset} has n_train {config.n_train}")

@@ -27,14 +27,12 @@ import torch
 
 from bench import _harness as harness
 from pipeline import (
-    Deployment,
     Localization,
     SblSettings,
     coded_dictionary,
     load_split,
     localization_metrics,
     music_grid,
-    preset,
     sparse_bayesian_learning,
 )
 
@@ -134,10 +132,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config = preset(args.preset)
-    deployment = Deployment.build(config)
-    harness.header(args, torch.device("cpu"))
+    config, deployment = harness.cpu_system(args)
     scenes = load_split(config, deployment, "val", args.scenes, chunk=250)
     results = []
 
