@@ -244,7 +244,14 @@ def _packed_part(measurements: torch.Tensor, config: dict, settings: SblSettings
 def _compute_packed(measurements: torch.Tensor, deployment: Deployment, config: ExperimentConfig,
                     settings: SblSettings | None) -> torch.Tensor:
     """The packed front end; on a CPU, split over one process per core (SBL's small batched
-    solves scale poorly over threads: 0.21 -> 0.16 s per medium scene from 1 to 2 threads)."""
+    solves scale poorly over threads: 0.21 -> 0.16 s per medium scene from 1 to 2 threads).
+
+    Each pool process runs one torch thread; with too few scenes for a pool, this process runs
+    them on its own threads. The bits depend on both the thread count and how the scenes are
+    batched (on an Intel Xeon here: 2 threads against 1, or parts of 21-22 scenes against chunks
+    of 32, move some values in the float rounding), and the cache key records neither: the same
+    key can hold slightly different bits from one host or core count to another. Within a
+    host, one file is written once and read by every trial."""
     cores = len(os.sched_getaffinity(0))
     workers = min(cores, measurements.shape[0] // _SCENES_PER_PROCESS)
     if measurements.device.type != "cpu" or workers <= 1:

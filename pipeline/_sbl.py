@@ -226,13 +226,16 @@ def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_pe
     noise = 0.1 * power
     kept = torch.arange(n_grid, device=y.device).expand(n_batch, n_grid)
     atoms = None  # (b, L, M, n_kept) once pruned
+    packed = conj_atoms = adjoint = None  # its layouts for the pruned iterations
     for iteration in range(settings.n_iterations):
         if iteration == settings.prune_after and settings.n_kept < n_grid:
             gamma, order = gamma.topk(settings.n_kept, dim=-1)
             kept = order
             atoms = _gather_atoms(dictionary, kept)  # (b, L, M, n_kept), a permuted view
-            # Fixed from here on: the covariance's factors laid out for its matmul once (it
-            # would copy the permuted view in every iteration), the conjugates materialised once.
+            # Fixed from here on: the matmuls' operand laid out once (each matmul would copy the
+            # permuted view in every iteration), the conjugates materialised once. conj_atoms
+            # keeps the view's layout on purpose: the denominator's sum then reduces in the same
+            # order as before, so the results stay the same bit for bit.
             packed = atoms.contiguous()
             conj_atoms = atoms.conj().resolve_conj()
             adjoint = conj_atoms.transpose(-2, -1).contiguous()  # (b, L, n_kept, M)

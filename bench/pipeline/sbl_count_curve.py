@@ -162,7 +162,8 @@ def main(argv: list[str]) -> None:
                 float((cues[rows, k_max + one_up][above] > config.power_range_db / 10.0)
                       .float().mean())}
         for name, share in broken.items():
-            harness.note(f"{name}: {share:.3f} of the training set's scenes")
+            harness.note(f"{name}: {share:.3f} of the training split's scenes"
+                         + (" with K < K_max" if name.startswith("stage K+1") else ""))
         harness.emit({"prior broken": broken})
         inputs["path features + prior"] = torch.cat([features, cues], dim=1)
     if not inputs:

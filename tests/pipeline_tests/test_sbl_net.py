@@ -235,8 +235,9 @@ def test_front_end_over_processes_equals_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(_frontend, "_SCENES_PER_PROCESS", 16)
     monkeypatch.setattr(_frontend.os, "sched_getaffinity", lambda pid: {0, 1})
     pooled = _frontend._compute_packed(batch.measurements, deployment, SMOKE, None)
-    # Each pool process runs one torch thread. The same arithmetic on more threads may round
-    # differently on some hosts (it does on an Intel Xeon here), so compare at one thread.
+    # Two parts of 32 scenes: each process runs one chunk of 32 on one torch thread, as the
+    # reference below does. More threads, or other batches (uneven parts), may round differently
+    # on some hosts (they do on an Intel Xeon here), so the reference matches both.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
