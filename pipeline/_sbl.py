@@ -225,13 +225,13 @@ def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_pe
     power = squared_magnitude(y).mean(dim=(1, 2))
     noise = 0.1 * power
     kept = torch.arange(n_grid, device=y.device).expand(n_batch, n_grid)
-    atoms = None  # (b, L, M, n_kept) once pruned
-    packed = conj_atoms = adjoint = None  # its layouts for the pruned iterations
+    # The kept points' atoms (b, L, M, n_kept) once pruned, in the layouts the iterations use.
+    packed = conj_atoms = adjoint = None
     for iteration in range(settings.n_iterations):
         if iteration == settings.prune_after and settings.n_kept < n_grid:
             gamma, order = gamma.topk(settings.n_kept, dim=-1)
             kept = order
-            atoms = _gather_atoms(dictionary, kept)  # (b, L, M, n_kept), a permuted view
+            atoms = _gather_atoms(dictionary, kept)  # a permuted view
             # Fixed from here on: the matmuls' operand laid out once (each matmul would copy the
             # permuted view in every iteration), the conjugates materialised once. conj_atoms
             # keeps the view's layout on purpose: the denominator's sum then reduces in the same
@@ -239,7 +239,7 @@ def _sbl_powers(y: torch.Tensor, atoms_conj: torch.Tensor, grid: MusicGrid, n_pe
             packed = atoms.contiguous()
             conj_atoms = atoms.conj().resolve_conj()
             adjoint = conj_atoms.transpose(-2, -1).contiguous()  # (b, L, n_kept, M)
-        if atoms is None:
+        if packed is None:
             sigma = _hermitian_from_basis(gamma @ basis.T, n_snap, n_meas, noise)
             inverse = _inverse(sigma)
             denominator = _basis_weights(inverse) @ basis  # (b, G)

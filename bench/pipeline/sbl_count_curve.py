@@ -156,14 +156,13 @@ def main(argv: list[str]) -> None:
                 float((cues[rows, stage] < 0).float().mean()),
             "true-K stage: powers spread beyond power_range_db":
                 float((cues[rows, k_max + stage] > config.power_range_db / 10.0).float().mean()),
-            "stage K+1: closer than the minimum separation":
+            "stage K+1 (scenes with K < K_max): closer than the minimum separation":
                 float((cues[rows, one_up][above] < 0).float().mean()),
-            "stage K+1: powers spread beyond power_range_db":
+            "stage K+1 (scenes with K < K_max): powers spread beyond power_range_db":
                 float((cues[rows, k_max + one_up][above] > config.power_range_db / 10.0)
                       .float().mean())}
         for name, share in broken.items():
-            harness.note(f"{name}: {share:.3f} of the training split's scenes"
-                         + (" with K < K_max" if name.startswith("stage K+1") else ""))
+            harness.note(f"{name}: {share:.3f} of the training split's scenes")
         harness.emit({"prior broken": broken})
         inputs["path features + prior"] = torch.cat([features, cues], dim=1)
     if not inputs:
