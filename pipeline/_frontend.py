@@ -169,7 +169,8 @@ def refined_sources(measurements: torch.Tensor, k_hat: torch.Tensor, powers: lis
                     settings: SblSettings | None = None, *, chunk_size: int = 32
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SBL's k_hat strongest peaks refined with exactly k_hat sources active (the same SBL
-    powers as the front end's): points (B, K, 3), power (B, K), active (B, K)."""
+    powers as the front end's), then SBL's whole-grid sweeps (`SblSettings.grid_sweeps`), as
+    SBL's own answer for a count: points (B, K, 3), power (B, K), active (B, K)."""
     settings = settings or SblSettings()
     n_chunks = -(-measurements.shape[0] // chunk_size)
     if len(powers) != n_chunks or any(

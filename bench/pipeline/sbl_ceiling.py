@@ -6,7 +6,8 @@ On validation scenes (the val stream, as `sbl_tune`), each scene with its true K
 - `sbl + grid sweeps`: that answer, then two Gauss-Seidel sweeps in which each source may jump
   to the point of highest likelihood gain on SBL's whole grid (not only the points SBL kept), the
   others fixed (each jump raises the likelihood), each sweep followed by SBL's likelihood
-  refinement: a RELAX-like search;
+  refinement of the scenes that moved: a RELAX-like search (`pipeline._sbl._grid_sweep`; SBL
+  itself takes one such sweep since session 13, so `sbl` here runs with `grid_sweeps=0`);
 - `from the truth`: SBL's likelihood refinement started at the true positions, each with an
   equal share of SBL's total power: the local optimum of the likelihood next to the truth
   (QUALITY.md's fit-from-truth proxy, here with SBL's likelihood instead of least squares).
@@ -49,7 +50,7 @@ from pipeline._metrics import (
 from pipeline._pursuit import _coded_atoms, coded_dictionary
 from pipeline._sbl import (
     _candidates,
-    _jump,
+    _grid_sweep,
     _model_covariance,
     _refine,
     _sbl_powers,
@@ -69,18 +70,6 @@ def _nll(points, power, active, noise, y, deployment) -> torch.Tensor:
     return (log_det + white.abs().square().sum(-1)).sum(-1)
 
 
-def _grid_sweep(points, power, active, noise, y, deployment, dictionary, grid_points):
-    """One sweep of SBL's own jump (`pipeline._sbl._jump`: each active source in turn, the others
-    fixed, moves to the candidate of highest gain where that beats its own), its candidates every
-    point of the grid, shared by the scenes, instead of the points SBL kept. dictionary (L, M, G)
-    coded atoms, grid_points (G, 3)."""
-    n_batch = y.shape[0]
-    every_point = grid_points.expand(n_batch, -1, -1)
-    every_atom = dictionary.permute(2, 0, 1)[None]  # (1, G, L, M): broadcast over the scenes
-    return _jump(points.clone(), power.clone(), active, noise, y, deployment, every_point,
-                 every_atom)
-
-
 def main(argv: list[str]) -> None:
     parser = harness.parser(__name__, __doc__)
     parser.add_argument("--preset", default="medium")
@@ -89,13 +78,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     config, deployment = harness.cpu_system(args)
-    settings = SblSettings()
+    # SBL as it was before its own whole-grid sweep (session 13): the sweeps are a row here.
+    settings = SblSettings(grid_sweeps=0)
     scenes = load_split(config, deployment, "val", args.scenes, chunk=250)
     grid_config = sbl_grid_config(config, settings)
     grid = music_grid(grid_config, deployment)
     atoms_conj, _ = coded_dictionary(grid_config, deployment)
     dictionary = atoms_conj.conj().resolve_conj()
-    grid_points = grid.point_at(torch.arange(dictionary.shape[-1]))
     k_max = config.max_sources
     names = ("sbl", "sbl + grid sweeps", "from the truth")
     won: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -114,10 +103,9 @@ def main(argv: list[str]) -> None:
             clock = time.perf_counter()
             points, power, noise = sbl.points, sbl.power, sbl.noise
             for _ in range(2):
-                points, power = _grid_sweep(points, power, active, noise, y, deployment,
-                                            dictionary, grid_points)
-                points, power, noise = _refine(points, power, active, noise, y, deployment,
-                                               grid, settings.refine_rounds)
+                points, power, noise = _grid_sweep(points, power, active, noise, y,
+                                                   deployment, grid, dictionary, atoms_conj,
+                                                   settings.refine_rounds)
             sweep_seconds += time.perf_counter() - clock
             truth = torch.stack([part.azimuth_rad, part.elevation_rad,
                                  1.0 / part.range_m.clamp_min(1e-3)], -1)

@@ -5,13 +5,14 @@ Two stages, each on the same validation scenes of the preset (the `val` stream o
 
 1. search: one knob at a time away from the defaults of `SblSettings` (grid spacing, inverse-range
    points, iterations, pruning), each scored with the TRUE K (success at >= 10 dB and overall)
-   and its cost per scene with one CPU thread, so that the search is chosen apart from the count.
+   and its cost per scene with one CPU thread, so that the search is chosen apart from the count
+   (with --own-count, also with SBL's own count).
 2. count: SBL's own K with `count_threshold` (and `count_slope`) swept; K accuracy and success
    per SNR bin. The candidates and their drop path (down to one source) are computed once
    (`pipeline._sbl._count` with `path`); each threshold then stops each scene's path where the
    production code stops it, so every threshold is scored exactly and at no extra cost.
 
-    python -m bench sbl_tune [--preset medium] [--scenes 300] [--stage search count]
+    python -m bench sbl_tune [--preset medium] [--scenes 300] [--stage search count] [--own-count]
                              [--thresholds 4 6 8 10 14 20] [--slopes 0] [--out sbl_tune.json]
 
 Each configuration prints one JSON line as it finishes; --out collects them.
@@ -53,6 +54,8 @@ SEARCH_VARIANTS: dict[str, dict] = {
     "prune after 2": {"prune_after": 2},
     "4 refine rounds": {"refine_rounds": 4},
     "12 refine rounds": {"refine_rounds": 12},
+    "no grid sweep": {"grid_sweeps": 0},
+    "2 grid sweeps": {"grid_sweeps": 2},
 }
 SNR_BINS = ((-5.0, 0.0), (0.0, 5.0), (5.0, 10.0), (10.0, 15.0), (15.0, 20.01))
 
@@ -129,6 +132,8 @@ def main(argv: list[str]) -> None:
                         default=[4.0, 6.0, 8.0, 10.0, 14.0, 20.0])
     parser.add_argument("--slopes", type=float, nargs="+", default=[0.0],
                         help="count_slope values, each tried with every threshold")
+    parser.add_argument("--own-count", action="store_true",
+                        help="score each search variant with SBL's own count as well")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -146,6 +151,8 @@ def main(argv: list[str]) -> None:
                 continue
             settings = SblSettings(**changes)
             report(_run(name, settings, scenes, deployment, config, true_k=True))
+            if args.own_count:
+                report(_run(name, settings, scenes, deployment, config, true_k=False))
     if "count" in args.stage:
         started = time.perf_counter()
         paths = _count_paths(scenes, deployment, config, SblSettings())
