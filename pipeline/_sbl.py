@@ -21,8 +21,9 @@ its own dictionary D_l = Phi_l A(grid) (the pursuit's coded dictionary, `coded_d
    (q_l = |d_l^H Q_l^-1 y_l|^2, s_l = d_l^H Q_l^-1 d_l, Q_l the model without it). A pattern
    search over a 3 x 3 x 3 stencil with a quadratic step (as in the pursuit) climbs it; a sweep
    lets each source jump to a kept grid point of higher gain, which repairs peaks that SBL split.
-   Once the count is known, `grid_sweeps` more let each source jump to any point of the whole
-   grid, for scenes where SBL's pruning dropped the right point.
+   With a given K, and after the count when `refine_counted`, `grid_sweeps` more let each
+   source jump to any point of the whole grid, for scenes where SBL's pruning dropped the right
+   point.
 4. Count (when K is not given): start from max_sources refined candidates and drop the source of
    least gain while that gain is below count_threshold + count_slope * log10(P / sigma^2) nats
    (P the measurements' mean power, sigma^2 the current noise estimate), refining the rest after
@@ -52,6 +53,7 @@ from pipeline._refine import local_offsets, quadratic_step
 _TINY = 1e-12
 _STENCIL_POINTS = 3
 _SHORTLIST = 32  # grid points per source that `_grid_jump` maximises over the power exactly
+_JUMP_MARGIN = 1e-4  # nats a whole-grid jump must gain over staying
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,10 +72,11 @@ class SblSettings:
     # the same SBL powers (what n_sources=K_hat gives), instead of keeping the drop path's state:
     # +0.021 success on 2,000 medium validation scenes (RESULTS.md, "Probe: a learned count").
     refine_counted: bool = True
-    # Once the count is known (or given), sweeps in which each source may jump to any point of
-    # the whole grid where the likelihood is higher (`_grid_jump`), each followed by the
-    # refinement of the scenes that moved: +0.008 success on 1,000 medium validation scenes
-    # with one sweep, nothing more with two (RESULTS.md, "Whole-grid sweeps").
+    # With a given K (so after the count when refine_counted), sweeps in which each source may
+    # jump to any point of the whole grid where the likelihood is higher (`_grid_jump`), each
+    # followed by the refinement of the scenes that moved: +0.008 success with SBL's own count
+    # and +0.010 with the true K on 1,000 medium validation scenes with one sweep, nothing more
+    # with two (RESULTS.md, "Session 13").
     grid_sweeps: int = 1
 
     def __post_init__(self) -> None:
@@ -424,8 +427,8 @@ def _grid_jump(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
     [0, 1], so float32 loses no more here than the solve does; s_l is floored at
     ||d||^2 / (sigma^2 + S_1^2), its exact lower bound. The power is maximised exactly on the
     `_SHORTLIST` points of highest gain at its closed-form start, not on all G. Scenes go in
-    groups of equal source count, so that r is exact. Returns points and power; unlike `_jump`,
-    a source that does not move keeps its power.
+    groups of equal source count, so that r is exact. A jump must gain `_JUMP_MARGIN` nats.
+    Returns points and power; unlike `_jump`, a source that does not move keeps its power.
     """
     n_sources = power.shape[1]
     n_snap, n_meas, _ = dictionary.shape
@@ -433,10 +436,8 @@ def _grid_jump(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
     stacked = torch.cat([dictionary.real, dictionary.imag], dim=1)  # (L, 2M, G)
     n_active = active.sum(-1)
     for k in range(n_sources):
-        for count in range(k + 1, n_sources + 1):
+        for count in n_active[active[:, k]].unique().tolist():
             scene = (active[:, k] & (n_active == count)).nonzero().squeeze(-1)
-            if scene.numel() == 0:
-                continue
             rows, floor = _jump_rows(atoms[scene], (power * active)[scene], k, count - 1,
                                      noise[scene], y[scene])
             sigma = noise[scene]
@@ -461,7 +462,9 @@ def _grid_jump(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
             best_gain, best = gain.max(-1)
             best_power = best_power.gather(1, best[:, None]).squeeze(1)
             best = shortlist.gather(1, best[:, None]).squeeze(1)
-            better = best_gain > own_gain[:, 0]
+            # A jump must gain more than rounding: a source on a grid point would otherwise
+            # "jump" onto itself, its own gain and the grid's computed in different orders.
+            better = best_gain > own_gain[:, 0] + _JUMP_MARGIN
             # Only a jump changes a source: one that stays keeps its power as it came.
             points[scene, k] = torch.where(better[:, None], grid_points[best], points[scene, k])
             power[scene, k] = torch.where(better, best_power, power[scene, k])
@@ -534,7 +537,8 @@ def _candidates(y: torch.Tensor, n_sources: torch.Tensor | None, deployment: Dep
                 grid: MusicGrid, atoms_conj: torch.Tensor, k_max: int, settings: SblSettings,
                 *, powers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                 ) -> _State:
-    """SBL, then the refined, swept candidates: n_sources of them, or k_max when None.
+    """SBL, then the refined, swept candidates: n_sources of them, or k_max when None; with
+    n_sources, then `settings.grid_sweeps` whole-grid sweeps (`_grid_sweep`).
     `powers`: SBL's (gamma, kept, noise) of these scenes, if already computed."""
     n_batch = y.shape[0]
     gamma, kept, noise = powers if powers is not None else _sbl_powers(
@@ -645,7 +649,8 @@ def _localize_chunk(y: torch.Tensor, n_sources: torch.Tensor | None, deployment:
                     grid: MusicGrid, atoms_conj: torch.Tensor, k_max: int,
                     settings: SblSettings) -> _State:
     """SBL, refinement and, without n_sources, the count (then, with `refine_counted`, the
-    refinement again with the count's K_hat active), on one chunk of scenes."""
+    refinement again with the count's K_hat active); with a count, the whole-grid sweeps; on
+    one chunk of scenes."""
     powers = _sbl_powers(y, atoms_conj, grid, k_max, settings)
     state = _candidates(y, n_sources, deployment, grid, atoms_conj, k_max, settings,
                         powers=powers)  # fmt: skip

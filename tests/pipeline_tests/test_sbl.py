@@ -211,9 +211,11 @@ def _whole_grid(deployment: Deployment):
 
 
 def test_grid_jump_moves_as_the_exact_solve_over_the_whole_grid(deployment: Deployment) -> None:
-    """`_grid_jump` (Woodbury, K x K algebra per candidate) takes the same jumps as `_jump` given
-    every grid point as a candidate (an M x M solve per candidate), on SBL's refined answers
-    with the true K."""
+    """`_grid_jump` (r + 1 inner products per candidate after a thin SVD of the other sources)
+    takes the jumps of `_jump` given every grid point as a candidate (an M x M solve per
+    candidate), on SBL's refined answers with the true K, and a source that jumps gets the
+    solve's power. A near-tie between two grid points may go either way in float32 on another
+    host, so one scene of 48 may differ."""
     from pipeline._sbl import _candidates, _grid_jump, _jump
 
     scenes = generate_scenes(CONFIG, deployment, 48, seed=21)  # SNR -5..20 dB, K 1..3
@@ -222,14 +224,20 @@ def test_grid_jump_moves_as_the_exact_solve_over_the_whole_grid(deployment: Depl
     settings = SblSettings(grid_sweeps=0)
     state = _candidates(y, scenes.n_sources, deployment, grid, atoms_conj, CONFIG.max_sources,
                         settings)
-    exact, _ = _jump(state.points.clone(), state.power.clone(), state.active, state.noise, y,
-                     deployment, points.expand(y.shape[0], -1, -1),
-                     dictionary.permute(2, 0, 1)[None])
-    fast, _ = _grid_jump(state.points.clone(), state.power.clone(), state.active, state.noise,
-                         y, deployment, dictionary, points, norms)
-    moved = ((exact != state.points).any(-1) & state.active).sum()
-    assert moved >= 2  # the comparison is not vacuous
-    assert torch.equal(fast, exact)
+    exact, exact_power = _jump(state.points.clone(), state.power.clone(), state.active,
+                               state.noise, y, deployment, points.expand(y.shape[0], -1, -1),
+                               dictionary.permute(2, 0, 1)[None])
+    fast, fast_power = _grid_jump(state.points.clone(), state.power.clone(), state.active,
+                                  state.noise, y, deployment, dictionary, points, norms)
+    moved = (exact != state.points).any(-1) & state.active
+    assert moved.sum() >= 2  # the comparison is not vacuous
+    differs = (fast != exact).any(-1).any(-1)
+    assert int(differs.sum()) <= 1, differs.nonzero()
+    # The first source of each scene sees the same others in both; later ones see the first's
+    # power, which `_jump` re-estimates even where it stays.
+    first = moved[:, 0] & ~differs
+    assert first.any()
+    torch.testing.assert_close(fast_power[first, 0], exact_power[first, 0], rtol=1e-3, atol=0.0)
 
 
 def test_grid_jump_finds_a_source_far_from_its_start(deployment: Deployment) -> None:
