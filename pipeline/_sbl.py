@@ -649,8 +649,8 @@ def _localize_chunk(y: torch.Tensor, n_sources: torch.Tensor | None, deployment:
                     grid: MusicGrid, atoms_conj: torch.Tensor, k_max: int,
                     settings: SblSettings) -> _State:
     """SBL, refinement and, without n_sources, the count (then, with `refine_counted`, the
-    refinement again with the count's K_hat active); with a count, the whole-grid sweeps; on
-    one chunk of scenes."""
+    refinement again with the count's K_hat active); with n_sources given, or after the count
+    with `refine_counted`, the whole-grid sweeps; on one chunk of scenes."""
     powers = _sbl_powers(y, atoms_conj, grid, k_max, settings)
     state = _candidates(y, n_sources, deployment, grid, atoms_conj, k_max, settings,
                         powers=powers)  # fmt: skip
