@@ -444,7 +444,7 @@ def _grid_jump(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
             own_atom = atoms[scene, k].transpose(0, 1)[..., None]  # (L, n, M, 1)
             own = rows @ own_atom  # (L, n, r + 1, 1)
             own_s, own_q = _jump_terms(torch.stack([own.real, own.imag], 2),
-                                       _abs2(own_atom).sum(-2), sigma, floor)
+                                       squared_magnitude(own_atom).sum(-2), sigma, floor)
             own_gain, _ = _best_power(own_s, own_q, dim=0)
             # Real GEMM: [Re; Im] of rows @ d from [[Re, -Im], [Im, Re]] @ [Re d; Im d].
             real = torch.cat([torch.cat([rows.real, -rows.imag], -1),
@@ -505,11 +505,6 @@ def _jump_terms(product: torch.Tensor, norm: torch.Tensor, noise: torch.Tensor,
     explained = product[:, :, :, :-1].square().sum((2, 3))
     s = torch.maximum((norm - explained) / noise[:, None], norm * floor[..., None])
     return s, product[:, :, :, -1].square().sum(2) / noise[:, None].square()
-
-
-def _abs2(values: torch.Tensor) -> torch.Tensor:
-    """|z|^2 as re^2 + im^2 (not bit-identical to `squared_magnitude`; new code only)."""
-    return values.real.square() + values.imag.square()
 
 
 def _source_gains(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
