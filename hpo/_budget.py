@@ -40,7 +40,14 @@ from hpo._attrs import (
 )
 from hpo._requeue import fail_stale_locked
 from hpo._studies import store_of
-from storage import set_user_attrs, store_lock, study_id, study_storage, trial_id
+from storage import (
+    LockLostError,
+    set_user_attrs,
+    store_lock,
+    study_id,
+    study_storage,
+    trial_id,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -162,6 +169,13 @@ def claim_trial(study: optuna.Study, deadline: float | None = None, *,
         except BaseException as error:
             if _still_held(lease):  # else another claim may be voiding it: leave it to the sweep
                 _void(study, trial_id(trial), f"claim not confirmed: {type(error).__name__}")
+                raise
+            if isinstance(error, optuna.exceptions.UpdateFinishedTrialError):
+                # The lock went with the store, and another claim's sweep voided this unstamped
+                # trial before the stamp reached it: a lost lock, which the caller retries.
+                raise LockLostError(
+                    f"the store lock was lost and trial {trial.number} voided by another claim"
+                ) from error
             raise
         return trial
 

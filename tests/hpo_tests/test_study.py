@@ -427,3 +427,43 @@ def test_the_launcher_sees_a_slot_exactly_when_a_claim_can_take_it(tmp_path):
     assert claim_trial(study) is None
     study.tell(second, 1.0)
     assert budget_state(study).met
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_claim_whose_trial_is_voided_after_its_lock_is_lost_fails_as_a_lost_lock(postgres_url):
+    """The store restarts between the claim's lock check and its stamp: the lock goes with the
+    connection, another claim's sweep voids the unstamped trial, and the stamp then meets a
+    finished trial. That must reach the caller as a lost lock (retried), not as Optuna's
+    UpdateFinishedTrialError (which stopped a worker: test_claim_store_loss, once)."""
+    import sqlalchemy
+
+    from hpo._budget import _void_now
+    from storage import LockLostError, is_transient
+    from storage._lock import _ADVISORY_NAMESPACE
+
+    url = postgres_url
+    storage = open_storage(url)
+    name = unique("voided")
+    study = create_or_load_study(storage, name, SETTINGS, budget=3)
+    other = optuna.load_study(study_name=name, storage=open_storage(url))
+
+    def lose_the_lock_then_be_voided(step: str) -> None:
+        if step != "checked":
+            return
+        with storage.engine.connect() as connection:  # the lock's session ends...
+            connection.execute(sqlalchemy.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND granted AND classid = :space AND objid = :key"),
+                {"space": _ADVISORY_NAMESPACE, "key": study_id(study)})
+            connection.commit()
+        running = other.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        assert len(running) == 1  # ...and another claim voids the unstamped trial
+        assert _void_now(other, running[0]._trial_id, "claim not confirmed: test")
+
+    with pytest.raises(LockLostError, match="voided by another claim") as info:
+        claim_trial(study, on_step=lose_the_lock_then_be_voided)
+    assert is_transient(info.value)
+    assert claim_trial(study).user_attrs["claimed_unix"] > 0  # the retry claims a new trial
+    counts = count_trials(study.get_trials(deepcopy=False))
+    assert (counts.void, counts.running, counts.used) == (1, 1, 1)
