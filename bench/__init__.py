@@ -51,6 +51,10 @@ _ALL = (
               "given the true K, how many scenes coded SBL loses in its search (the truth's "
               "local optimum is likelier) and how many in the likelihood itself: what any "
               "search over SBL's likelihood can still add (issue 16); no figure to hold"),
+    Benchmark("range_choice", "pipeline",
+              "each range chosen for the success box (the learned row's last step) against "
+              "the likelihood's peak, on SBL's answers: scenes won and lost on training or "
+              "validation scenes, and the step's cost per scene (issue 16)"),
     Benchmark("sbl_count_curve", "pipeline",
               "whether the SBL count network is short of training scenes or of inputs: its "
               "held-out success against N, and with the whole front end as input (issue 16); "

@@ -52,6 +52,9 @@ class ExperimentConfig:
     # --- model ---
     model: str = "grid"  # "grid": detection-map network; "sbl_count": SBL front end + count net
     count_for_success: float = 0.0  # sbl_count: K_hat maximises log P(K=k) + this * log q_k
+    # sbl_count, at inference: each source's range is the one whose +-0.5 m holds the most
+    # posterior mass (pipeline._range_decision); False: the likelihood's peak, as SBL's row
+    range_for_success: bool = True
     cov_head: str = "manifold"  # "manifold": F from predicted steering vectors; "free": free factor
     factor_rank: int = 8  # columns of the free factor F (cov_head="free")
     n_grid_azimuth: int = 25  # feature grid of the matched-filter spectrum, azimuth points

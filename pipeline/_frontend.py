@@ -36,6 +36,7 @@ from pipeline._grid import MusicGrid, music_grid
 from pipeline._metrics import Localization, localization_from_points, scene_success
 from pipeline._physics import Deployment
 from pipeline._pursuit import coded_dictionary
+from pipeline._range_decision import ranges_for_success
 from pipeline._sbl import (
     SblSettings,
     _candidates,
@@ -166,11 +167,14 @@ def front_end(measurements: torch.Tensor, deployment: Deployment, config: Experi
 @torch.no_grad()
 def refined_sources(measurements: torch.Tensor, k_hat: torch.Tensor, powers: list[tuple],
                     deployment: Deployment, config: ExperimentConfig,
-                    settings: SblSettings | None = None, *, chunk_size: int = 32
+                    settings: SblSettings | None = None, *, chunk_size: int = 32,
+                    for_success: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SBL's k_hat strongest peaks refined with exactly k_hat sources active (the same SBL
     powers as the front end's), then SBL's whole-grid sweeps (`SblSettings.grid_sweeps`), as
-    SBL's own answer for a count: points (B, K, 3), power (B, K), active (B, K)."""
+    SBL's own answer for a count: points (B, K, 3), power (B, K), active (B, K).
+    for_success: then each range chosen for the success box (`ranges_for_success`), which
+    SBL's own answer does not do."""
     settings = settings or SblSettings()
     n_chunks = -(-measurements.shape[0] // chunk_size)
     if len(powers) != n_chunks or any(
@@ -185,6 +189,10 @@ def refined_sources(measurements: torch.Tensor, k_hat: torch.Tensor, powers: lis
         part = slice(start, start + chunk_size)
         state = _candidates(y_all[part], k_hat[part].to(y_all.device), deployment, ops.grid,
                             ops.atoms_conj, config.max_sources, settings, powers=powers[index])
+        if for_success:
+            points, power = ranges_for_success(state.points, state.power, state.active,
+                                               state.noise, y_all[part], deployment, config)
+            state = replace(state, points=points, power=power)
         out.append(state)
     return (torch.cat([s.points for s in out]), torch.cat([s.power for s in out]),
             torch.cat([s.active for s in out]))

@@ -116,13 +116,16 @@ class SblCountNet(nn.Module):
     def answer(self, measurements: torch.Tensor, front: FrontEnd, powers: list | None
                ) -> ModelOutput:
         """The eval-mode output from the scenes' front end: K_hat, then, with SBL's powers
-        (`front_end(..., keep_powers=True)`), SBL's K_hat peaks refined again with K_hat active;
-        without them (a cached front end), the path's stage K_hat."""
+        (`front_end(..., keep_powers=True)`), SBL's K_hat peaks refined again with K_hat active
+        and, with config.range_for_success, each range chosen for the success box
+        (`pipeline._range_decision`); without them (a cached front end), the path's stage
+        K_hat."""
         logits, locate, score = self.decide(path_features(front))
         k_hat = score.argmax(-1) + 1
         if powers is not None:
-            points, power, active = refined_sources(measurements, k_hat, powers,
-                                                    self.deployment, self.config)
+            points, power, active = refined_sources(
+                measurements, k_hat, powers, self.deployment, self.config,
+                for_success=self.config.range_for_success)
         else:
             points, power, active = front.stage(k_hat)
         return replace(self.output(points, power, active, logits), locate_logits=locate,

@@ -1,7 +1,8 @@
 """Inference cost of the SBL count network per scene (model sbl_count), one CPU thread by default.
 
 What `hpo evaluate` runs for the learned row, end to end: the SBL front end (SBL, candidates, the
-drop path), the count network, SBL's K_hat peaks refined again with K_hat active, R_pred and
+drop path), the count network, SBL's K_hat peaks refined again with K_hat active (and each
+range then chosen for the success box, `range_for_success`), R_pred and
 R_blend, and MUSIC on R_blend with K_hat. Each stage is timed on a batch of scenes of the preset
 (`--repeats` times after one warm-up); records the median seconds per scene of each stage and of
 the whole. The network's weights do not change its own cost (a fresh one is used), but the
@@ -53,8 +54,9 @@ def main(argv: list[str]) -> None:
                 model.decide(path_features(front))[2].argmax(-1)
             k_hat = scenes.n_sources  # a trained network's K_hat, as far as the cost goes
             with stage("refine K_hat"):
-                points, power, active = refined_sources(scenes.measurements, k_hat, powers,
-                                                        deployment, config)
+                points, power, active = refined_sources(
+                    scenes.measurements, k_hat, powers, deployment, config,
+                    for_success=config.range_for_success)
             with stage("R_blend + MUSIC"):
                 output = model.output(points, power, active, k_hat)  # logits unused
                 mats = covariances(output, scenes, config)

@@ -181,7 +181,8 @@ def test_sbl_row_read_off_the_front_end_is_sbls_own_answer(scenes):
 def test_music_on_r_blend_gives_back_the_models_positions():
     """MUSIC on R_blend with K_hat (its search also started from the network's sources)
     reproduces the positions R_pred was built from: within 0.2 deg for >= 99 % of sources, on
-    the medium system at its preset's beta (48 validation scenes). The count is the true one,
+    the medium system at its preset's beta (48 validation scenes), and keeps the ranges that
+    were chosen for the success box (`range_for_success`): within 0.1 m for >= 95 %. The count is the true one,
     as a trained network's mostly is (an untrained one asks for sources the scene lacks, whose
     tiny powers R_samp's share then outweighs)."""
     config = preset("medium")
@@ -191,20 +192,26 @@ def test_music_on_r_blend_gives_back_the_models_positions():
     k_hat = batch.n_sources
     with torch.no_grad():
         _, powers = front_end(batch.measurements, deployment, config, keep_powers=True)
-        sources = refined_sources(batch.measurements, k_hat, powers, deployment, config)
+        sources = refined_sources(batch.measurements, k_hat, powers, deployment, config,
+                                  for_success=config.range_for_success)
         output = model.output(*sources, logits=torch.zeros(batch.size, config.max_sources))
         mats = covariances(output, batch, config)
     ours = model.localization(output)
     assert torch.equal(ours.mask.sum(-1), k_hat)
     found = music_localize(mats.blend, k_hat, deployment, config, seeds=ours)
     assert torch.equal(found.mask.sum(-1), k_hat)
-    errors = []
+    errors, ranges = [], []
     for b in range(batch.size):
-        mine = ours.params()[b][ours.mask[b], :2]
-        music = found.params()[b][found.mask[b], :2]
-        errors.append((mine[:, None] - music[None]).abs().amax(-1).amin(1))  # nearest MUSIC
+        mine = ours.params()[b][ours.mask[b]]
+        music = found.params()[b][found.mask[b]]
+        gap = (mine[:, None, :2] - music[None, :, :2]).abs().amax(-1)
+        errors.append(gap.amin(1))  # nearest MUSIC source
+        nearest = gap.argmin(1)
+        ranges.append((mine[:, 2] - music[nearest, 2]).abs())
     degrees = torch.rad2deg(torch.cat(errors))
     assert float((degrees <= 0.2).float().mean()) >= 0.99, degrees.sort().values[-5:]
+    metres = torch.cat(ranges)
+    assert float((metres <= 0.1).float().mean()) >= 0.95, metres.sort().values[-5:]
 
 
 def test_front_end_cache_is_shared_and_keyed_by_the_scenes(tmp_path, monkeypatch, scenes):

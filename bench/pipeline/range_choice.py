@@ -1,0 +1,156 @@
+"""What choosing each range for the success box buys (`pipeline._range_decision`), and its cost.
+
+On training or validation scenes (never test scenes), SBL's refined answer with its own count and
+with the true K, each scored twice: as it is (the likelihood's peak in range) and with every
+range chosen for the success box (`ranges_for_success`, what the learned row does since session
+14). Per SNR bin: success; overall: the scenes won and lost, and the inlier range RMSE at >= 10 dB
+(the Cramer-Rao rows' figure: the decision keeps the peak where the posterior is narrow, so it
+should not grow). `--variants` also scores the choices that were weighed, from the same range
+profiles: a temperature on the likelihood (posterior exp(gain / T)), the prior (u^-a: a = 2 is
+range uniform in metres, the scenes' own; 0 is uniform in 1/r) and the tie margin. The decision's
+cost per scene is timed on the default choice (one thread unless --threads).
+
+    python -m bench range_choice [--split val] [--scenes 1000] [--threads 2] [--variants]
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from bench import _harness as harness
+from pipeline import SblSettings, load_split
+from pipeline._grid import music_grid
+from pipeline._metrics import (
+    in_success_box,
+    localization_from_points,
+    matched_errors,
+    scene_success,
+)
+from pipeline._pursuit import _coded_atoms, coded_dictionary
+from pipeline._range_decision import _MASS_TIE, range_line, ranges_for_success
+from pipeline._sbl import (
+    _candidates,
+    _gains,
+    _leave_one_out,
+    _localize_chunk,
+    _sbl_powers,
+    sbl_grid_config,
+)
+
+SNR_BINS = ((-5.0, 0.0), (0.0, 5.0), (5.0, 10.0), (10.0, 15.0), (15.0, 20.01))
+# (temperature, prior exponent, tie margin): the default first
+VARIANTS = ((1.0, 2.0, _MASS_TIE), (1.0, 0.0, _MASS_TIE), (0.5, 2.0, _MASS_TIE),
+            (2.0, 2.0, _MASS_TIE), (1.0, 2.0, 0.0), (1.0, 2.0, 1e-2))
+
+
+def _profiles(points, power, active, noise, y, deployment, line) -> torch.Tensor:
+    """Each active source's gain along the range line (b, K, n); NaN where inactive."""
+    atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)
+    inverse, weighted = _leave_one_out(atoms, power * active, noise, y)
+    scene, slot = active.nonzero(as_tuple=True)
+    candidates = points[scene, slot][:, None, :].repeat(1, line.numel(), 1)
+    candidates[..., 2] = line
+    gain, _ = _gains(inverse[scene, slot], weighted[scene, slot],
+                     _coded_atoms(candidates, deployment))
+    out = torch.full((*active.shape, line.numel()), float("nan"))
+    out[scene, slot] = gain
+    return out
+
+
+def _variant(points, active, profile, line, temperature, exponent, tie) -> torch.Tensor:
+    """The ranges a variant of the decision picks (points with u replaced where it moves)."""
+    u = line.double()
+    metres = 1.0 / u
+    log_post = torch.nan_to_num(profile.double() / temperature - exponent * torch.log(u),
+                                nan=-1e300)
+    weight = torch.softmax(log_post, -1)
+    window = ((metres[None, :] - metres[:, None]).abs() <= 0.5).double()
+    mass = weight @ window.T
+    at_peak = (weight * ((metres - 1.0 / points[..., 2:3].double()).abs() <= 0.5)).sum(-1)
+    best = mass.amax(-1)
+    pick = torch.where(mass >= best[..., None] - tie, log_post, -torch.inf).argmax(-1)
+    move = active & (best > at_peak + tie)
+    out = points.clone()
+    out[..., 2] = torch.where(move, line[pick], points[..., 2])
+    return out
+
+
+def main(argv: list[str]) -> None:
+    parser = harness.parser(__name__, __doc__)
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--split", choices=("train", "val"), default="val")
+    parser.add_argument("--scenes", type=int, default=1000)
+    parser.add_argument("--chunk", type=int, default=32, help="scenes per batch")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", action="store_true",
+                        help="also score the temperatures, priors and tie margins weighed")
+    args = parser.parse_args(argv)
+    config, deployment = harness.cpu_system(args)
+    settings = SblSettings()
+    scenes = load_split(config, deployment, args.split, args.scenes, chunk=250)
+    grid_config = sbl_grid_config(config, settings)
+    grid = music_grid(grid_config, deployment)
+    atoms_conj, _ = coded_dictionary(grid_config, deployment)
+    k_max = config.max_sources
+    line = range_line(config)
+    rows: dict[str, dict[str, list]] = {"own count": {}, "true K": {}}
+    seconds = 0.0
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, scenes.size, args.chunk):
+            part = scenes.select(torch.arange(start, min(start + args.chunk, scenes.size)))
+            y = part.measurements.to(torch.complex64)
+            powers = _sbl_powers(y, atoms_conj, grid, k_max, settings)
+            states = {"own count": _localize_chunk(y, None, deployment, grid, atoms_conj, k_max,
+                                                   settings),
+                      "true K": _candidates(y, part.n_sources, deployment, grid, atoms_conj,
+                                            k_max, settings, powers=powers)}
+            for name, state in states.items():
+                clock = time.perf_counter()
+                chosen, chosen_power = ranges_for_success(state.points, state.power,
+                                                          state.active, state.noise, y,
+                                                          deployment, config)
+                if name == "own count":
+                    seconds += time.perf_counter() - clock
+                answers = {"peak": (state.points, state.power),
+                           "chosen": (chosen, chosen_power)}
+                if args.variants:
+                    profile = _profiles(state.points, state.power, state.active, state.noise,
+                                        y, deployment, line)
+                    for temperature, exponent, tie in VARIANTS:
+                        key = f"T {temperature:g}, prior u^-{exponent:g}, tie {tie:g}"
+                        answers[key] = (_variant(state.points, state.active, profile, line,
+                                                 temperature, exponent, tie), state.power)
+                for key, (found, power) in answers.items():
+                    where = localization_from_points([found], [state.active], [power], k_max,
+                                                     "cpu")
+                    rows[name].setdefault(key, []).append((where, state.active.sum(-1)))
+            harness.note(f"{start + part.size}/{scenes.size} scenes, "
+                         f"{time.perf_counter() - started:.0f} s")
+    snr = scenes.snr_db
+    result = {"preset": args.preset, "split": args.split, "n_scenes": scenes.size,
+              "decision: ms per scene (own count)": 1e3 * seconds / scenes.size}
+    harness.note(f"decision: {result['decision: ms per scene (own count)']:.1f} ms per scene")
+    for name, answers in rows.items():
+        base = None
+        for key, parts in answers.items():
+            found = type(parts[0][0]).cat([p[0] for p in parts])
+            k_hat = torch.cat([p[1] for p in parts])
+            won = torch.as_tensor(scene_success(found, k_hat, scenes))
+            errors = matched_errors(found, scenes)
+            high = snr.numpy()[errors["scene"]] >= 10.0
+            inlier = in_success_box(errors) & high
+            rmse = float(np.sqrt(np.mean(errors["range_m"][inlier] ** 2)))
+            base = won if base is None else base
+            shares = [float(won[(snr >= lo) & (snr < hi)].float().mean()) for lo, hi in SNR_BINS]
+            entry = {"by SNR bin": shares, "all": float(won.float().mean()),
+                     "won": int((won & ~base).sum()), "lost": int((base & ~won).sum()),
+                     "inlier range RMSE >= 10 dB, m": rmse}
+            result[f"{name}: {key}"] = entry
+            harness.note(f"| {name}: {key} | " + " | ".join(f"{v:.3f}" for v in shares)
+                         + f" | {entry['all']:.3f} | +{entry['won']} -{entry['lost']} | "
+                         f"{rmse:.3f} |")
+    harness.emit(result)

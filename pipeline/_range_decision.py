@@ -1,0 +1,100 @@
+"""Each source's range chosen for the success box, not for the likelihood's peak (issue 16).
+
+A scene succeeds when every source lands within 3 deg / 3 deg / 0.5 m of the truth. In range the
+likelihood is often broad and lopsided: range enters the phase through 1/r (`pipeline._grid`),
+so a peak of even width in 1/r spans far more metres on its far side than on its near side, and
+at 2-4 m it can span more than the box's metre. The estimate that maximises the chance of
+landing within +-0.5 m is then not the peak.
+
+For each active source, the others fixed at their estimates, the likelihood gain of SBL's
+refinement (`pipeline._sbl._gains`, its power maximised) is evaluated along inverse range at the
+source's own angles. With the scenes' prior (range uniform in metres over the field of view,
+hence density 1/u^2 in u = 1/r) it gives a posterior over range on that line,
+
+    P(u | y) ~ exp(gain(u)) / u^2,
+
+and the range chosen is the one whose +-0.5 m window holds the most of it. The peak is kept
+unless another range holds more than `_MASS_TIE` more: where the posterior is narrower than the
+window every nearby range holds all of it, and the peak (the maximum-likelihood estimate, whose
+error is what the Cramer-Rao rows measure) is the natural member of that plateau. A source that
+moves takes the power that maximises the likelihood at its new range; angles do not move.
+
+Chosen on training and validation scenes (RESULTS.md, "Session 14"): the likelihood as it is
+(no temperature), the scenes' own prior, the tie margin 1e-3.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline._config import ExperimentConfig
+from pipeline._metrics import SUCCESS_RANGE_M
+from pipeline._physics import Deployment
+from pipeline._pursuit import _coded_atoms
+from pipeline._sbl import _gains, _leave_one_out
+
+_MASS_TIE = 1e-3  # a range must hold this much more posterior mass than the peak to replace it
+N_RANGE_POINTS = 200  # points of the inverse-range line, uniform in 1/r over the field of view
+
+
+def range_line(config: ExperimentConfig, n_points: int = N_RANGE_POINTS,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n_points,) float32 inverse ranges 1/m, uniform from 1/range_max_m to 1/range_min_m."""
+    if n_points < 2:
+        raise ValueError(f"the range line needs at least 2 points, but got {n_points=}")
+    return torch.linspace(1.0 / config.range_max_m, 1.0 / config.range_min_m, n_points,
+                          device=device)
+
+
+def choose_in_window(log_posterior: torch.Tensor, line: torch.Tensor, peak: torch.Tensor,
+                     half_width_m: float = SUCCESS_RANGE_M) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range of most posterior mass within +-half_width_m, per source.
+
+    log_posterior (S, n): unnormalised log posterior on the inverse-range line (n,) 1/m (uniform
+    in 1/r, so equal weights per point). peak (S,): each source's current inverse range (its
+    likelihood's peak). Returns (S,) bool, where a point of the line holds more than `_MASS_TIE`
+    more mass than the peak's window, and (S,) long, the index on the line of the range to
+    take there: among the points within `_MASS_TIE` of the most mass, the most probable.
+    """
+    log_posterior = log_posterior.double()
+    weight = torch.softmax(log_posterior, dim=-1)
+    metres = 1.0 / line.double()
+    window = ((metres[None, :] - metres[:, None]).abs() <= half_width_m).double()  # (n, n)
+    mass = weight @ window.T  # (S, n): mass within the window centred on each point
+    at_peak = (weight * ((metres[None, :] - 1.0 / peak.double()[:, None]).abs()
+                         <= half_width_m)).sum(-1)
+    best = mass.amax(-1)
+    near_best = mass >= best[:, None] - _MASS_TIE
+    pick = torch.where(near_best, log_posterior, -torch.inf).argmax(-1)
+    return best > at_peak + _MASS_TIE, pick
+
+
+@torch.no_grad()
+def ranges_for_success(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
+                       noise: torch.Tensor, y: torch.Tensor, deployment: Deployment,
+                       config: ExperimentConfig, *, n_points: int = N_RANGE_POINTS
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SBL's sources with each range chosen for the success box (module docstring).
+
+    points (b, K, 3) (azimuth rad, elevation rad, 1/m), power (b, K), active (b, K) bool,
+    noise (b,), y (b, L, M) complex64: a refined SBL state (`pipeline._sbl._State`) and its
+    measurements. All sources are decided from the same state (the others at their estimates).
+    Returns points and power; inactive slots, angles and sources that keep their peak come back
+    unchanged.
+    """
+    scene, slot = active.nonzero(as_tuple=True)
+    if scene.numel() == 0:
+        return points, power
+    line = range_line(config, n_points, points.device)
+    atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)  # (b, L, M, K)
+    inverse, weighted = _leave_one_out(atoms, power * active, noise, y)
+    candidates = points[scene, slot][:, None, :].repeat(1, n_points, 1)
+    candidates[..., 2] = line
+    gain, gain_power = _gains(inverse[scene, slot], weighted[scene, slot],
+                              _coded_atoms(candidates, deployment))
+    log_posterior = gain.double() - 2.0 * torch.log(line.double())  # range uniform in metres
+    move, pick = choose_in_window(log_posterior, line, points[scene, slot, 2])
+    points, power = points.clone(), power.clone()
+    points[scene[move], slot[move], 2] = line[pick[move]]
+    power[scene[move], slot[move]] = gain_power[move, pick[move]]
+    return points, power
