@@ -1,7 +1,7 @@
 """What choosing each range for the success box buys (`pipeline._range_decision`), and its cost.
 
-On training or validation scenes (never test scenes), SBL's refined answer with its own count and
-with the true K, each scored twice: as it is (the likelihood's peak in range) and with every
+On training or validation scenes, SBL's refined answer with its own count and with the true K,
+each scored twice: as it is (the likelihood's peak in range) and with every
 range chosen for the success box (`ranges_for_success`, what the learned row does since session
 14). Per SNR bin: success; overall: the scenes won and lost, and the inlier range RMSE at >= 10 dB
 (the Cramer-Rao rows' figure: the decision keeps the peak where the posterior is narrow, so it
@@ -9,6 +9,10 @@ should not grow). `--variants` also scores the choices that were weighed, from t
 profiles: a temperature on the likelihood (posterior exp(gain / T)), the prior (u^-a: a = 2 is
 range uniform in metres, the scenes' own; 0 is uniform in 1/r) and the tie margin. The decision's
 cost per scene is timed on the default choice (one thread unless --threads).
+
+`--split test` scores the default alone on `hpo evaluate`'s test scenes (its seed 0): what SBL's
+own row would score with the rule, beside the learned row's table. The variants were chosen on
+training and validation scenes, so `--variants` is refused there.
 
     python -m bench range_choice [--split val] [--scenes 1000] [--threads 2] [--variants]
 """
@@ -22,6 +26,8 @@ import torch
 
 from bench import _harness as harness
 from pipeline import SblSettings, load_split
+from pipeline._benchmark_eval import evaluation_scenes
+from pipeline._data import SceneBatch
 from pipeline._grid import music_grid
 from pipeline._metrics import (
     in_success_box,
@@ -81,16 +87,21 @@ def _variant(points, active, profile, line, temperature, exponent, tie) -> torch
 def main(argv: list[str]) -> None:
     parser = harness.parser(__name__, __doc__)
     parser.add_argument("--preset", default="medium")
-    parser.add_argument("--split", choices=("train", "val"), default="val")
+    parser.add_argument("--split", choices=("train", "val", "test"), default="val")
     parser.add_argument("--scenes", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=32, help="scenes per batch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", action="store_true",
                         help="also score the temperatures, priors and tie margins weighed")
     args = parser.parse_args(argv)
+    if args.split == "test" and args.variants:
+        parser.error("--variants is for training and validation scenes, where they were chosen")
     config, deployment = harness.cpu_system(args)
     settings = SblSettings()
-    scenes = load_split(config, deployment, args.split, args.scenes, chunk=250)
+    if args.split == "test":  # hpo evaluate's scenes, seed 0
+        scenes = SceneBatch.concat(evaluation_scenes(config, deployment, args.scenes, 0))
+    else:
+        scenes = load_split(config, deployment, args.split, args.scenes, chunk=250)
     grid_config = sbl_grid_config(config, settings)
     grid = music_grid(grid_config, deployment)
     atoms_conj, _ = coded_dictionary(grid_config, deployment)
