@@ -232,10 +232,25 @@ def evaluate(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of the tables.")
     ] = False,
+    range_for_success: Annotated[
+        bool | None,
+        typer.Option("--range-for-success/--peak-range", show_default=False,
+                     help="sbl_count models: choose each source's range for the success box, "
+                     "or keep the likelihood's peak as SBL's row does [default: the "
+                     "checkpoint's range_for_success, on unless it was trained with it off]."),
+    ] = None,
 ) -> None:
     """Evaluate a trained model on fresh test scenes against the references, per SNR bin and K."""
     path = _resolve_checkpoint(checkpoint, from_best, storage, study)
     model, config, deployment, torch_device = _load(path, device.value)
+    if range_for_success is not None:
+        if config.model != "sbl_count":
+            fail(f"--range-for-success/--peak-range apply to sbl_count models, but this "
+                 f"checkpoint's model is {config.model!r}", EXIT_USAGE)
+        from pipeline import replace
+
+        config = replace(config, range_for_success=range_for_success)
+        model.config = config
     # Checked before the (minutes of) work, after the cheap checks, so no empty directory is
     # left behind for a bad checkpoint.
     run_dir = out or path.parent / f"evaluate-seed{seed}-n{scenes}"

@@ -46,23 +46,46 @@ def range_line(config: ExperimentConfig, n_points: int = N_RANGE_POINTS,
                           device=device)
 
 
+def _cumulative(weight: torch.Tensor, line: torch.Tensor, inverse: torch.Tensor
+                ) -> torch.Tensor:
+    """Posterior mass below inverse ranges `inverse` (S, m), each point's weight (S, n) spread
+    evenly over its cell of the uniform line (n,) (edges halfway between points): continuous in
+    `inverse`, so a window's mass does not jump as its edges cross points."""
+    step = line[1] - line[0]
+    below = torch.nn.functional.pad(weight.cumsum(-1), (1, 0))  # (S, n + 1): mass below edge i
+    position = ((inverse - (line[0] - 0.5 * step)) / step).clamp(0.0, line.numel())
+    cell = position.floor().long().clamp(max=line.numel() - 1)
+    fraction = (position - cell).clamp(0.0, 1.0)
+    return below.gather(-1, cell) + fraction * weight.gather(-1, cell)
+
+
+def window_mass(weight: torch.Tensor, line: torch.Tensor, centre: torch.Tensor,
+                half_width_m: float = SUCCESS_RANGE_M) -> torch.Tensor:
+    """Posterior mass within +-half_width_m of ranges 1 / centre (S, m) (1/m), from the weights
+    (S, n) on the inverse-range line (n,): (S, m)."""
+    centre_m = 1.0 / centre
+    near = 1.0 / (centre_m - half_width_m).clamp_min(1e-9)  # window edges in 1/r
+    far = 1.0 / (centre_m + half_width_m)
+    return _cumulative(weight, line, near) - _cumulative(weight, line, far)
+
+
 def choose_in_window(log_posterior: torch.Tensor, line: torch.Tensor, peak: torch.Tensor,
                      half_width_m: float = SUCCESS_RANGE_M) -> tuple[torch.Tensor, torch.Tensor]:
     """The range of most posterior mass within +-half_width_m, per source.
 
     log_posterior (S, n): unnormalised log posterior on the inverse-range line (n,) 1/m (uniform
     in 1/r, so equal weights per point). peak (S,): each source's current inverse range (its
-    likelihood's peak). Returns (S,) bool, where a point of the line holds more than `_MASS_TIE`
-    more mass than the peak's window, and (S,) long, the index on the line of the range to
-    take there: among the points within `_MASS_TIE` of the most mass, the most probable.
+    likelihood's peak). Each point's weight is spread over its cell (`_cumulative`), so the
+    mass of a window centred between points (the peak's) and on a point compare without
+    rounding. Returns (S,) bool, where a point of the line holds more than `_MASS_TIE` more mass
+    than the peak's window, and (S,) long, the index on the line of the range to take there:
+    among the points within `_MASS_TIE` of the most mass, the most probable.
     """
     log_posterior = log_posterior.double()
+    line = line.double()
     weight = torch.softmax(log_posterior, dim=-1)
-    metres = 1.0 / line.double()
-    window = ((metres[None, :] - metres[:, None]).abs() <= half_width_m).double()  # (n, n)
-    mass = weight @ window.T  # (S, n): mass within the window centred on each point
-    at_peak = (weight * ((metres[None, :] - 1.0 / peak.double()[:, None]).abs()
-                         <= half_width_m)).sum(-1)
+    mass = window_mass(weight, line, line.expand_as(weight), half_width_m)  # (S, n)
+    at_peak = window_mass(weight, line, peak.double()[:, None], half_width_m)[:, 0]
     best = mass.amax(-1)
     near_best = mass >= best[:, None] - _MASS_TIE
     pick = torch.where(near_best, log_posterior, -torch.inf).argmax(-1)
@@ -94,6 +117,8 @@ def ranges_for_success(points: torch.Tensor, power: torch.Tensor, active: torch.
                               _coded_atoms(candidates, deployment))
     log_posterior = gain.double() - 2.0 * torch.log(line.double())  # range uniform in metres
     move, pick = choose_in_window(log_posterior, line, points[scene, slot, 2])
+    # never onto a range where the source would explain nothing (its power 0 there)
+    move &= gain_power.gather(1, pick[:, None]).squeeze(1) > 0
     points, power = points.clone(), power.clone()
     points[scene[move], slot[move], 2] = line[pick[move]]
     power[scene[move], slot[move]] = gain_power[move, pick[move]]

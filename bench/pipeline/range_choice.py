@@ -36,7 +36,7 @@ from pipeline._metrics import (
     scene_success,
 )
 from pipeline._pursuit import _coded_atoms, coded_dictionary
-from pipeline._range_decision import _MASS_TIE, range_line, ranges_for_success
+from pipeline._range_decision import _MASS_TIE, range_line, ranges_for_success, window_mass
 from pipeline._sbl import (
     _candidates,
     _gains,
@@ -67,18 +67,18 @@ def _profiles(points, power, active, noise, y, deployment, line) -> torch.Tensor
 
 
 def _variant(points, active, profile, line, temperature, exponent, tie) -> torch.Tensor:
-    """The ranges a variant of the decision picks (points with u replaced where it moves)."""
+    """The ranges a variant of the decision picks (points with u replaced where it moves): the
+    module's arithmetic (`window_mass`) with another temperature, prior and tie margin."""
     u = line.double()
-    metres = 1.0 / u
-    log_post = torch.nan_to_num(profile.double() / temperature - exponent * torch.log(u),
-                                nan=-1e300)
-    weight = torch.softmax(log_post, -1)
-    window = ((metres[None, :] - metres[:, None]).abs() <= 0.5).double()
-    mass = weight @ window.T
-    at_peak = (weight * ((metres - 1.0 / points[..., 2:3].double()).abs() <= 0.5)).sum(-1)
+    log_post = profile.double() / temperature - exponent * torch.log(u)
+    valid = active & ~torch.isnan(log_post).any(-1)
+    log_post = torch.where(valid[..., None], log_post, torch.zeros_like(log_post))
+    weight = torch.softmax(log_post, -1).flatten(0, 1)
+    mass = window_mass(weight, u, u.expand_as(weight)).view_as(log_post)
+    at_peak = window_mass(weight, u, points[..., 2].double().reshape(-1, 1)).view(active.shape)
     best = mass.amax(-1)
     pick = torch.where(mass >= best[..., None] - tie, log_post, -torch.inf).argmax(-1)
-    move = active & (best > at_peak + tie)
+    move = valid & (best > at_peak + tie)
     out = points.clone()
     out[..., 2] = torch.where(move, line[pick], points[..., 2])
     return out

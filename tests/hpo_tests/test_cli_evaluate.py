@@ -190,3 +190,32 @@ def test_from_best_uses_the_trial_checkpoint(checkpoint: Path, tmp_path: Path) -
                     "cpu", "--out", str(tmp_path / "best"), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["checkpoint"] == str(checkpoint)
+
+
+def test_range_decision_can_be_turned_off_and_leaves_sbls_row_alone(checkpoint: Path,
+                                                                  tmp_path: Path) -> None:
+    """--peak-range / --range-for-success override an sbl_count checkpoint's range_for_success:
+    the choice is recorded, only the learned row's estimates change, and a model without the
+    decision (the grid model) refuses the flag in one line."""
+    run = tmp_path / "sbl_count"
+    trained = invoke("train", "--preset", "smoke", "--set", "model=sbl_count",
+                     "--set", "fresh_train=false", "--set", "lam_aux=0", "--set", "lam_det=0",
+                     "--no-references", "--device", "cpu", "--out", str(run))
+    assert trained.exit_code == 0, trained.output
+    records = {}
+    for flag, expected in (("--peak-range", False), ("--range-for-success", True)):
+        out = tmp_path / flag.strip("-")
+        result = invoke("evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--scenes", "40",
+                        "--seed", "3", "--device", "cpu", "--out", str(out), "--json", flag)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["config"]["range_for_success"] is expected
+        records[expected] = [json.loads(line) for line in (out / "scenes.jsonl").open()]
+    on, off = records[True], records[False]
+    assert [r["methods"]["sbl"] for r in on] == [r["methods"]["sbl"] for r in off]
+    assert [r["methods"]["learned"]["n_sources"] for r in on] == [
+        r["methods"]["learned"]["n_sources"] for r in off]
+    assert any(a["methods"]["learned"] != b["methods"]["learned"] for a, b in zip(on, off))
+    assert_one_line_error(invoke("evaluate", "--checkpoint", str(checkpoint), "--scenes", "4",
+                                 "--peak-range", "--out", str(tmp_path / "grid")),
+                          "apply to sbl_count models")
+    assert not (tmp_path / "grid").exists()

@@ -12,7 +12,12 @@ from pipeline._grid import music_grid
 from pipeline._metrics import localization_from_points, scene_success
 from pipeline._physics import Deployment
 from pipeline._pursuit import coded_dictionary
-from pipeline._range_decision import choose_in_window, range_line, ranges_for_success
+from pipeline._range_decision import (
+    choose_in_window,
+    range_line,
+    ranges_for_success,
+    window_mass,
+)
 from pipeline._sbl import SblSettings, _candidates, _localize_chunk, sbl_grid_config
 
 MEDIUM = preset("medium")  # range 0.5-4 m
@@ -33,6 +38,36 @@ def test_a_posterior_narrower_than_the_window_keeps_its_peak():
     log_posterior = -0.5 * ((line - peak) / 0.002) ** 2  # about 0.01 m wide at 2 m
     move, _ = choose_in_window(log_posterior[None], line, peak[None])
     assert not bool(move[0])
+
+
+def test_a_posterior_symmetric_in_metres_keeps_its_peak_between_grid_points():
+    """A posterior symmetric about its peak in metres, 0.2-0.5 m wide (as wide as the window):
+    the peak's own window holds the most, wherever the peak falls between the line's points.
+    Windows cut at whole points moved such peaks by a few cm in about half of the cases (the
+    weight of one point at a window's edge is above the tie margin); spreading each point's
+    weight over its cell makes the masses continuous."""
+    line = range_line(MEDIUM, 200).double()
+    for width in (0.2, 0.3, 0.5):
+        for peak_m in torch.linspace(1.5, 3.4, 39, dtype=torch.float64):
+            # density in 1/r = density in metres * r^2
+            log_posterior = -0.5 * ((1.0 / line - peak_m) / width) ** 2 - 2.0 * torch.log(line)
+            move, _ = choose_in_window(log_posterior[None], line, (1.0 / peak_m)[None])
+            assert not bool(move[0]), (width, float(peak_m))
+
+
+def test_window_mass_is_the_share_of_inverse_range_it_covers():
+    """A posterior flat in 1/r: a window's mass is its width in 1/r over the line's, also for
+    windows whose edges fall between points, and for one cut by the field of view."""
+    line = range_line(MEDIUM, 200).double()
+    weight = torch.full((1, 200), 1.0 / 200, dtype=torch.float64)
+    centres_m = torch.tensor([2.5, 1.1, 3.37, 3.9], dtype=torch.float64)
+    mass = window_mass(weight, line, (1.0 / centres_m)[None])[0]
+    lower, upper = 1.0 / MEDIUM.range_max_m, 1.0 / MEDIUM.range_min_m
+    near = (1.0 / (centres_m - 0.5)).clamp(max=upper)
+    far = (1.0 / (centres_m + 0.5)).clamp(min=lower)
+    span = upper - lower
+    # the line's outer cells reach half a step beyond its ends
+    torch.testing.assert_close(mass, (near - far) / span, atol=0.01, rtol=0.0)
 
 
 def test_a_broad_block_outweighs_a_taller_spike():
@@ -64,7 +99,7 @@ def test_a_posterior_flat_in_inverse_range_is_denser_near():
     assert abs(float(metres[peak]) - 4.0) < 1e-3
     move, pick = choose_in_window(log_posterior[None], line, line[peak][None])
     assert bool(move[0])
-    assert abs(float(metres[pick[0]]) - 2.5) <= 0.02
+    assert abs(float(metres[pick[0]]) - 2.5) <= 0.03  # within the tie margin of the best
     assert abs(_mass(log_posterior, line, float(metres[pick[0]])) - 2.0 / 3.0) < 0.02
 
 
@@ -114,8 +149,17 @@ def test_permuting_the_source_slots_permutes_the_decision(quick_state):
     shuffled, shuffled_power = ranges_for_success(
         state.points[:, order], state.power[:, order], state.active[:, order], state.noise, y,
         deployment, QUICK)
-    torch.testing.assert_close(shuffled, points[:, order], atol=1e-6, rtol=0)
-    torch.testing.assert_close(shuffled_power, power[:, order], rtol=1e-4, atol=0)
+    # the same sources move, to the same range up to one point of the line: a pick at the edge
+    # of the near-best set may shift by one with float rounding of another summation order
+    moved = (points != state.points).any(-1)
+    assert torch.equal((shuffled != state.points[:, order]).any(-1), moved[:, order])
+    step = float(range_line(QUICK)[1] - range_line(QUICK)[0])
+    gap = (shuffled - points[:, order]).abs()
+    assert float(gap[..., :2].max()) == 0.0
+    assert float(gap[..., 2].max()) <= step + 1e-6
+    assert float((gap[..., 2] == 0).float().mean()) >= 0.95
+    same = (gap == 0).all(-1)
+    torch.testing.assert_close(shuffled_power[same], power[:, order][same], rtol=1e-4, atol=0.0)
 
 
 def test_high_snr_sources_keep_the_likelihoods_peak():
