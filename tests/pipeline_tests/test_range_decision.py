@@ -108,9 +108,9 @@ QUICK = preset("quick")  # the same field of view on the smaller array: SBL is c
 
 @pytest.fixture(scope="module")
 def quick_state():
-    """SBL's refined answer, its own count, on 256 quick validation scenes."""
+    """SBL's refined answer, its own count, on 512 quick validation scenes."""
     deployment = Deployment.build(QUICK)
-    batch = load_split(QUICK, deployment, "val", 256)
+    batch = load_split(QUICK, deployment, "val", 512)
     settings = SblSettings()
     grid_config = sbl_grid_config(QUICK, settings)
     grid = music_grid(grid_config, deployment)
@@ -184,7 +184,7 @@ def test_high_snr_sources_keep_the_likelihoods_peak():
 
 
 def test_the_decision_wins_more_scenes_than_it_loses(quick_state):
-    """On these 256 scenes (SBL's own count) the window's range succeeds on more scenes than the
+    """On these 512 scenes (SBL's own count) the window's range succeeds on more scenes than the
     likelihood's peak, and never turns a success into a failure by more than it gains."""
     deployment, batch, y, state = quick_state
     points, power = ranges_for_success(state.points, state.power, state.active, state.noise, y,
