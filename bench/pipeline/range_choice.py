@@ -99,10 +99,13 @@ def main(argv: list[str]) -> None:
         parser.error("--variants is for training and validation scenes, where they were chosen")
     config, deployment = harness.cpu_system(args)
     settings = SblSettings()
-    if args.split == "test":  # hpo evaluate's scenes, seed 0
-        scenes = SceneBatch.concat(evaluation_scenes(config, deployment, args.scenes, 0))
+    if args.split == "test":  # hpo evaluate's scenes, seed 0, in its chunks: SBL's answers
+        batches = evaluation_scenes(config, deployment, args.scenes, 0)  # are then its SBL row's
     else:
-        scenes = load_split(config, deployment, args.split, args.scenes, chunk=250)
+        batches = [load_split(config, deployment, args.split, args.scenes, chunk=250)]
+    scenes = SceneBatch.concat(batches)
+    parts = [batch.select(torch.arange(start, min(start + args.chunk, batch.size)))
+             for batch in batches for start in range(0, batch.size, args.chunk)]
     grid_config = sbl_grid_config(config, settings)
     grid = music_grid(grid_config, deployment)
     atoms_conj, _ = coded_dictionary(grid_config, deployment)
@@ -112,8 +115,8 @@ def main(argv: list[str]) -> None:
     seconds = 0.0
     started = time.perf_counter()
     with torch.no_grad():
-        for start in range(0, scenes.size, args.chunk):
-            part = scenes.select(torch.arange(start, min(start + args.chunk, scenes.size)))
+        done = 0
+        for part in parts:
             y = part.measurements.to(torch.complex64)
             powers = _sbl_powers(y, atoms_conj, grid, k_max, settings)
             states = {"own count": _localize_chunk(y, None, deployment, grid, atoms_conj, k_max,
@@ -140,7 +143,8 @@ def main(argv: list[str]) -> None:
                     where = localization_from_points([found], [state.active], [power], k_max,
                                                      "cpu")
                     rows[name].setdefault(key, []).append((where, state.active.sum(-1)))
-            harness.note(f"{start + part.size}/{scenes.size} scenes, "
+            done += part.size
+            harness.note(f"{done}/{scenes.size} scenes, "
                          f"{time.perf_counter() - started:.0f} s")
     snr = scenes.snr_db
     result = {"preset": args.preset, "split": args.split, "n_scenes": scenes.size,
