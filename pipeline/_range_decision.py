@@ -31,6 +31,8 @@ fixed, is not the whole posterior, and the 1/u^2 factor leans on its flat far en
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from pipeline._config import ExperimentConfig
@@ -76,16 +78,17 @@ def window_mass(weight: torch.Tensor, line: torch.Tensor, centre: torch.Tensor,
 
 
 def choose_in_window(log_posterior: torch.Tensor, line: torch.Tensor, peak: torch.Tensor,
-                     half_width_m: float = SUCCESS_RANGE_M) -> tuple[torch.Tensor, torch.Tensor]:
+                     half_width_m: float = SUCCESS_RANGE_M, tie: float = _MASS_TIE
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The range of most posterior mass within +-half_width_m, per source.
 
     log_posterior (S, n): unnormalised log posterior on the inverse-range line (n,) 1/m (uniform
     in 1/r, so equal weights per point). peak (S,): each source's current inverse range (its
     likelihood's peak). Each point's weight is spread over its cell (`_cumulative`), so the
     mass of a window centred between points (the peak's) and on a point compare without
-    rounding. Returns (S,) bool, where a point of the line holds more than `_MASS_TIE` more mass
-    than the peak's window, and (S,) long, the index on the line of the range to take there:
-    among the points within `_MASS_TIE` of the most mass, the most probable.
+    rounding. Returns (S,) bool, where a point of the line holds more than `tie` more mass than
+    the peak's window, and (S,) long, the index on the line of the range to take there: among
+    the points within `tie` of the most mass, the most probable.
     """
     log_posterior = log_posterior.double()
     line = line.double()
@@ -93,9 +96,50 @@ def choose_in_window(log_posterior: torch.Tensor, line: torch.Tensor, peak: torc
     mass = window_mass(weight, line, line.expand_as(weight), half_width_m)  # (S, n)
     at_peak = window_mass(weight, line, peak.double()[:, None], half_width_m)[:, 0]
     best = mass.amax(-1)
-    near_best = mass >= best[:, None] - _MASS_TIE
+    near_best = mass >= best[:, None] - tie
     pick = torch.where(near_best, log_posterior, -torch.inf).argmax(-1)
-    return best > at_peak + _MASS_TIE, pick
+    return best > at_peak + tie, pick
+
+
+class RangeProfiles(NamedTuple):
+    """The likelihood along the range line of each active source: scene and slot (S,) index
+    them; gain (S, n) nats and power (S, n) its maximising power at each point of the line."""
+
+    scene: torch.Tensor
+    slot: torch.Tensor
+    gain: torch.Tensor
+    power: torch.Tensor
+
+
+def range_profiles(points: torch.Tensor, power: torch.Tensor, active: torch.Tensor,
+                   noise: torch.Tensor, y: torch.Tensor, deployment: Deployment,
+                   line: torch.Tensor) -> RangeProfiles:
+    """Each active source's likelihood gain (SBL's refinement, power maximised) at its own
+    angles and every inverse range of `line`, the other sources fixed (one leave-one-out model
+    per source). Arguments as `ranges_for_success`."""
+    scene, slot = active.nonzero(as_tuple=True)
+    atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)  # (b, L, M, K)
+    inverse, weighted = _leave_one_out(atoms, power * active, noise, y)
+    candidates = points[scene, slot][:, None, :].repeat(1, line.numel(), 1)
+    candidates[..., 2] = line
+    gain, gain_power = _gains(inverse[scene, slot], weighted[scene, slot],
+                              _coded_atoms(candidates, deployment))
+    return RangeProfiles(scene, slot, gain, gain_power)
+
+
+def apply_choice(points: torch.Tensor, power: torch.Tensor, profiles: RangeProfiles,
+                 line: torch.Tensor, log_posterior: torch.Tensor, tie: float = _MASS_TIE
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points and power with the ranges `choose_in_window` picks from `log_posterior` (S, n),
+    one row per source of `profiles`; a source never moves onto a range where it would explain
+    nothing (its power 0 there), and one that moves takes its power there."""
+    scene, slot = profiles.scene, profiles.slot
+    move, pick = choose_in_window(log_posterior, line, points[scene, slot, 2], tie=tie)
+    move &= profiles.power.gather(1, pick[:, None]).squeeze(1) > 0
+    points, power = points.clone(), power.clone()
+    points[scene[move], slot[move], 2] = line[pick[move]]
+    power[scene[move], slot[move]] = profiles.power[move, pick[move]]
+    return points, power
 
 
 @torch.no_grad()
@@ -111,21 +155,9 @@ def ranges_for_success(points: torch.Tensor, power: torch.Tensor, active: torch.
     Returns points and power; inactive slots, angles and sources that keep their peak come back
     unchanged.
     """
-    scene, slot = active.nonzero(as_tuple=True)
-    if scene.numel() == 0:
+    if not bool(active.any()):
         return points, power
     line = range_line(config, n_points, points.device)
-    atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)  # (b, L, M, K)
-    inverse, weighted = _leave_one_out(atoms, power * active, noise, y)
-    candidates = points[scene, slot][:, None, :].repeat(1, n_points, 1)
-    candidates[..., 2] = line
-    gain, gain_power = _gains(inverse[scene, slot], weighted[scene, slot],
-                              _coded_atoms(candidates, deployment))
-    # prior flat in 1/r (module docstring)
-    move, pick = choose_in_window(gain, line, points[scene, slot, 2])
-    # never onto a range where the source would explain nothing (its power 0 there)
-    move &= gain_power.gather(1, pick[:, None]).squeeze(1) > 0
-    points, power = points.clone(), power.clone()
-    points[scene[move], slot[move], 2] = line[pick[move]]
-    power[scene[move], slot[move]] = gain_power[move, pick[move]]
-    return points, power
+    profiles = range_profiles(points, power, active, noise, y, deployment, line)
+    # the likelihood as it is: a prior flat in 1/r (module docstring)
+    return apply_choice(points, power, profiles, line, profiles.gain)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bench import _harness as harness
-from pipeline import SblSettings, load_split
+from pipeline import Localization, SblSettings, load_split
 from pipeline._benchmark_eval import evaluation_scenes
 from pipeline._data import SceneBatch
 from pipeline._grid import music_grid
@@ -36,53 +36,20 @@ from pipeline._metrics import (
     matched_errors,
     scene_success,
 )
-from pipeline._pursuit import _coded_atoms, coded_dictionary
-from pipeline._range_decision import _MASS_TIE, range_line, ranges_for_success, window_mass
-from pipeline._sbl import (
-    _candidates,
-    _gains,
-    _leave_one_out,
-    _localize_chunk,
-    _sbl_powers,
-    sbl_grid_config,
+from pipeline._pursuit import coded_dictionary
+from pipeline._range_decision import (
+    _MASS_TIE,
+    apply_choice,
+    range_line,
+    range_profiles,
+    ranges_for_success,
 )
+from pipeline._sbl import _candidates, _localize_chunk, _sbl_powers, sbl_grid_config
 
 SNR_BINS = ((-5.0, 0.0), (0.0, 5.0), (5.0, 10.0), (10.0, 15.0), (15.0, 20.01))
 # (temperature, prior exponent, tie margin): the default first
 VARIANTS = ((1.0, 0.0, _MASS_TIE), (1.0, 2.0, _MASS_TIE), (0.5, 0.0, _MASS_TIE),
             (2.0, 0.0, _MASS_TIE), (1.0, 0.0, 0.0), (1.0, 0.0, 1e-2))
-
-
-def _profiles(points, power, active, noise, y, deployment, line) -> torch.Tensor:
-    """Each active source's gain along the range line (b, K, n); NaN where inactive."""
-    atoms = _coded_atoms(points, deployment).permute(0, 2, 3, 1)
-    inverse, weighted = _leave_one_out(atoms, power * active, noise, y)
-    scene, slot = active.nonzero(as_tuple=True)
-    candidates = points[scene, slot][:, None, :].repeat(1, line.numel(), 1)
-    candidates[..., 2] = line
-    gain, _ = _gains(inverse[scene, slot], weighted[scene, slot],
-                     _coded_atoms(candidates, deployment))
-    out = torch.full((*active.shape, line.numel()), float("nan"))
-    out[scene, slot] = gain
-    return out
-
-
-def _variant(points, active, profile, line, temperature, exponent, tie) -> torch.Tensor:
-    """The ranges a variant of the decision picks (points with u replaced where it moves): the
-    module's arithmetic (`window_mass`) with another temperature, prior and tie margin."""
-    u = line.double()
-    log_post = profile.double() / temperature - exponent * torch.log(u)
-    valid = active & ~torch.isnan(log_post).any(-1)
-    log_post = torch.where(valid[..., None], log_post, torch.zeros_like(log_post))
-    weight = torch.softmax(log_post, -1).flatten(0, 1)
-    mass = window_mass(weight, u, u.expand_as(weight)).view_as(log_post)
-    at_peak = window_mass(weight, u, points[..., 2].double().reshape(-1, 1)).view(active.shape)
-    best = mass.amax(-1)
-    pick = torch.where(mass >= best[..., None] - tie, log_post, -torch.inf).argmax(-1)
-    move = valid & (best > at_peak + tie)
-    out = points.clone()
-    out[..., 2] = torch.where(move, line[pick], points[..., 2])
-    return out
 
 
 def main(argv: list[str]) -> None:
@@ -132,13 +99,15 @@ def main(argv: list[str]) -> None:
                     seconds += time.perf_counter() - clock
                 answers = {"peak": (state.points, state.power),
                            "chosen": (chosen, chosen_power)}
-                if args.variants:
-                    profile = _profiles(state.points, state.power, state.active, state.noise,
-                                        y, deployment, line)
+                if args.variants:  # the module's decision with other posteriors and ties
+                    profiles = range_profiles(state.points, state.power, state.active,
+                                              state.noise, y, deployment, line)
                     for temperature, exponent, tie in VARIANTS:
                         key = f"T {temperature:g}, prior u^-{exponent:g}, tie {tie:g}"
-                        answers[key] = (_variant(state.points, state.active, profile, line,
-                                                 temperature, exponent, tie), state.power)
+                        log_posterior = (profiles.gain.double() / temperature
+                                         - exponent * torch.log(line.double()))
+                        answers[key] = apply_choice(state.points, state.power, profiles, line,
+                                                    log_posterior, tie=tie)
                 for key, (found, power) in answers.items():
                     where = localization_from_points([found], [state.active], [power], k_max,
                                                      "cpu")
@@ -152,9 +121,9 @@ def main(argv: list[str]) -> None:
     harness.note(f"decision: {result['decision: ms per scene (own count)']:.1f} ms per scene")
     for name, answers in rows.items():
         base = None
-        for key, parts in answers.items():
-            found = type(parts[0][0]).cat([p[0] for p in parts])
-            k_hat = torch.cat([p[1] for p in parts])
+        for key, pieces in answers.items():
+            found = Localization.cat([piece[0] for piece in pieces])
+            k_hat = torch.cat([piece[1] for piece in pieces])
             won = torch.as_tensor(scene_success(found, k_hat, scenes))
             errors = matched_errors(found, scenes)
             high = snr.numpy()[errors["scene"]] >= 10.0
